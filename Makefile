@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# Everything lands in a local virtual environment (.venv); nothing is installed by hand.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+EXTRAS ?= jax,torch,triton,dev
+
+.PHONY: install demo test conformance bench-cpu clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $@
+
+install: $(STAMP)
+
+# The main job on the built-in default task (see README).
+demo: $(STAMP)
+	$(VENV)/bin/aha train
+
+# The whole suite. The Triton kernel runs under its CPU interpreter here.
+test: $(STAMP)
+	TRITON_INTERPRET=1 $(PY) -m pytest -n 2 --dist loadgroup tests
+	TRITON_INTERPRET=1 $(PY) -m aha.conformance --report conformance-report.json
+
+conformance: $(STAMP)
+	TRITON_INTERPRET=1 $(PY) -m aha.conformance --report conformance-report.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

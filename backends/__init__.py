@@ -1,0 +1,1 @@
+"""Backends: ``jax`` (float64 reference) and ``torch`` (production). Each imports ``aha.algos``."""
