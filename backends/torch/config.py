@@ -1,0 +1,201 @@
+"""TrainConfig: every knob of a training run, with TRL's field names where the meaning is the same.
+
+A run is configured from three layers, later ones winning: the defaults below, a YAML file
+(`aha train --config run.yaml`, parsed with `yaml.safe_load`), and command-line flags. Unknown keys
+are an error that names the key and suggests the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+Algo = Literal["grpo", "rloo", "ppo", "online_dpo"]
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # --- what to train -------------------------------------------------------------------------
+    algo: Algo = "grpo"
+    """Algorithm; what differs between them lives in backends/torch/algorithms.py."""
+    model: str | None = None
+    """Local path or hub id loaded with `from_pretrained`; None builds the embedded demo model."""
+    dataset: str | None = None
+    """JSONL, CSV, Parquet or a `datasets` folder; None uses the embedded demo task."""
+    eval_dataset: str | None = None
+    """Held-out rows with answers, scored by greedy decoding before and after training (optional)."""
+    eval_samples: int = 200
+    """How many held-out rows to evaluate (demo: generated, others: the first rows)."""
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    skip_bad_rows: bool = False
+    """Skip and count malformed dataset rows instead of stopping at the first."""
+    system_prompt: str | None = None
+    chat_template: str = "auto"
+    """"auto" (the tokenizer's, else built-in "plain"), "plain" or "chatml"."""
+
+    # --- rewards -------------------------------------------------------------------------------
+    reward_funcs: tuple[str, ...] = ("exact_answer", "think_answer_format")
+    """Built-in names, `module:function` or `path.py:function` (TRL's signature)."""
+    reward_weights: tuple[float, ...] | None = None
+    """One weight per reward function; None means all 1.0."""
+
+    # --- rollout (TRL GRPOConfig names) ----------------------------------------------------------
+    rollout: Literal["hf", "vllm"] = "hf"
+    num_generations: int = 8
+    max_prompt_length: int = 256
+    max_completion_length: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    mask_truncated_completions: bool = False
+
+    # --- loss (TRL names; meaning in spec/) -------------------------------------------------------
+    beta: float = 0.0
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    delta: float | None = None
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo"] = "dapo"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    num_iterations: int = 1
+    """Optimizer steps per generation batch (μ in the GRPO paper)."""
+
+    # --- optimisation ---------------------------------------------------------------------------
+    learning_rate: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_scheduler_type: Literal["constant", "linear", "cosine"] = "constant"
+    max_grad_norm: float = 1.0
+    optim: Literal["adamw", "adamw_8bit"] = "adamw"
+    per_device_train_batch_size: int = 8
+    """Completions per micro-batch."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step; a generation batch holds batch × accumulation completions."""
+    max_steps: int = 100
+    """Optimizer steps."""
+    seed: int = 42
+
+    # --- model ----------------------------------------------------------------------------------
+    lora_r: int = 16
+    """LoRA rank; 0 means full fine-tuning."""
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: tuple[str, ...] = ("all-linear",)
+    load_in_4bit: bool = False
+    """QLoRA: bitsandbytes nf4 with double quantization and bf16 compute."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    gradient_checkpointing: bool = True
+
+    # --- bookkeeping ----------------------------------------------------------------------------
+    output_dir: str = "runs/aha"
+    logging_steps: int = 1
+    save_steps: int = 0
+    """Checkpoint every N optimizer steps (0: only at the end and on Ctrl-C)."""
+    save_total_limit: int | None = None
+    log_completions_steps: int = 10
+    resume: str | None = None
+    """A run folder or checkpoint folder to continue from."""
+
+    def __post_init__(self) -> None:
+        _check_literals(self)
+        positive = ("num_generations", "max_prompt_length", "max_completion_length", "num_iterations",
+                    "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps", "logging_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if self.num_generations < 2 and self.algo != "ppo":
+            raise ConfigError(f"num_generations must be >= 2 for {self.algo}, got {self.num_generations}")
+        if self.generation_batch_size % self.num_generations:
+            raise ConfigError(
+                f"per_device_train_batch_size × gradient_accumulation_steps = {self.generation_batch_size} "
+                f"must be a multiple of num_generations = {self.num_generations}")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise ConfigError(f"reward_weights has {len(self.reward_weights)} entries for "
+                              f"{len(self.reward_funcs)} reward_funcs")
+
+    @property
+    def generation_batch_size(self) -> int:
+        """Completions generated per rollout: one optimizer step's worth (TRL's default)."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.generation_batch_size // self.num_generations
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> TrainConfig:
+        """Build from plain values (YAML or flags), rejecting unknown keys with a suggestion."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        hints = get_type_hints(cls)
+        clean = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise ConfigError(f"unknown key '{key}' in {source}{hint}")
+            clean[name] = _coerce(name, value, hints[name])
+        return cls(**clean)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+        text = Path(path).read_text()
+        values = yaml.safe_load(text) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+        return cls.from_dict({**values, **(overrides or {})}, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _check_literals(config: TrainConfig) -> None:
+    for name, hint in get_type_hints(type(config)).items():
+        allowed = _literal_values(hint)
+        value = getattr(config, name)
+        if allowed and value not in allowed and value is not None:
+            raise ConfigError(f"{name} must be one of {sorted(map(str, allowed))}, got {value!r}")
+
+
+def _literal_values(hint: Any) -> tuple:
+    if get_origin(hint) is Literal:
+        return get_args(hint)
+    for arg in get_args(hint):
+        if get_origin(arg) is Literal:
+            return get_args(arg)
+    return ()
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """YAML and argparse give lists and strings; the dataclass stores tuples and numbers."""
+    if value is None:
+        return None
+    if isinstance(value, list):
+        return tuple(value)
+    args = [a for a in get_args(hint) if a is not type(None)] or [hint]
+    if isinstance(value, str) and float in args and str not in args:
+        try:
+            return float(value)
+        except ValueError as err:
+            raise ConfigError(f"{name} must be a number, got {value!r}") from err
+    if isinstance(value, int) and not isinstance(value, bool) and float in args and int not in args:
+        return float(value)
+    if get_origin(hint) is tuple or any(get_origin(a) is tuple for a in args):
+        return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    return value
