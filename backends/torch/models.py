@@ -1,0 +1,269 @@
+"""The trained policy: a causal LM from `transformers`, LoRA/QLoRA through `peft`, and what the
+trainer needs from it: last hidden states (never logits), the LM-head weight, the reference policy.
+
+Memory choices (shared/reference/unsloth.md §1, T12):
+- `hidden_states` runs the decoder only and returns the final-norm outputs of the positions that
+  predict completion tokens; log-probs come from them and `lm_head_weight` through the fused,
+  chunked op in `logprobs.py`, so `[tokens, vocab]` logits are never held.
+- The reference policy of LoRA/QLoRA is the same model with the adapter disabled (no copy).
+  Full fine-tuning has no adapter to switch off, so a reference costs a frozen copy of the
+  weights, made only when asked for (`reference_copy="device"` or `"cpu"`).
+- Gradient checkpointing is non-reentrant (`use_reentrant=False`), which lets gradients reach
+  LoRA weights inside a layer whose input does not require grad; `enable_input_require_grads`
+  is the workaround the reentrant variant needs and is therefore not installed. With
+  `offload_activations=True` (CUDA only) each checkpointed layer input waits in pinned host memory
+  until the backward recomputes the layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+DType = Literal["auto", "float32", "bfloat16"]
+ReferenceCopy = Literal["none", "device", "cpu"]
+
+
+class Policy:
+    """A causal LM prepared for RL: LoRA/QLoRA adapter or full fine-tuning.
+
+    Build it with `load_policy`. The LM head is never adapted: `load_policy` refuses LoRA target
+    lists that name it, and peft's "all-linear" leaves the output layer out, so `lm_head_weight`
+    is the base (or, with tied embeddings, the input-embedding) matrix, exactly what the model's
+    own logits use.
+    """
+
+    def __init__(self, model: nn.Module, *, is_peft: bool, name_or_path: str,
+                 reference_model: nn.Module | None = None) -> None:
+        self.model = model
+        self.is_peft = is_peft
+        self.name_or_path = name_or_path
+        self._reference_model = reference_model
+        causal_lm = model.get_base_model() if is_peft else model
+        self._decoder = causal_lm.get_decoder()
+        self._lm_head = causal_lm.get_output_embeddings()
+
+    @property
+    def generation_model(self) -> nn.Module:
+        """The module to pass to the rollout engine's `generate` (adapter active)."""
+        return self.model
+
+    @property
+    def device(self) -> torch.device:
+        return self._lm_head.weight.device
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """[V, H] output projection; the embedding matrix itself when embeddings are tied."""
+        return self._lm_head.weight
+
+    @property
+    def lm_head_bias(self) -> torch.Tensor | None:
+        """[V] output bias, None for the usual bias-free LM head."""
+        return self._lm_head.bias
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      logits_to_keep: int) -> torch.Tensor:
+        """Final-norm hidden states [B, logits_to_keep, H] of the positions that predict the last
+        `logits_to_keep` tokens of `input_ids` [B, L] (positions L-k-1 .. L-2).
+
+        Naive equivalent (the test oracle):
+            model(input_ids, attention_mask, position_ids=positions(attention_mask)).logits[:, -k-1:-1]
+            == hidden_states(...) @ lm_head_weight.T (+ lm_head_bias)
+
+        Position ids count attended tokens (`cumsum(mask) - 1`), as `generate` and vLLM number a
+        left-padded prompt, so scoring sees the positions that sampling saw.
+        """
+        if not 1 <= logits_to_keep < input_ids.shape[1]:
+            raise ValueError(f"logits_to_keep must be in [1, {input_ids.shape[1] - 1}], got {logits_to_keep}")
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
+        output = self._decoder(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+        return output.last_hidden_state[:, -logits_to_keep - 1:-1]
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[Policy]:
+        """The reference policy π_ref, for KL terms and DPO: yields an object with the same
+        `hidden_states` / `lm_head_weight` / `lm_head_bias`.
+
+        LoRA/QLoRA: this policy with the adapter disabled for the duration (no copy, no memory).
+        Full fine-tuning: the frozen copy made at load time; on the CPU when loaded with
+        `reference_copy="cpu"` (inputs moved there, hidden states moved back).
+        """
+        if self.is_peft:
+            with self.model.disable_adapter():
+                yield self
+        elif self._reference_model is None:
+            raise RuntimeError(
+                "full fine-tuning keeps no reference model: load with reference_copy='device' or 'cpu' "
+                "(a frozen copy of all weights) or train without a reference (beta=0)")
+        else:
+            yield _FrozenReference(self._reference_model, self.device)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def save_adapter(self, path: str | Path) -> None:
+        """peft format (`adapter_config.json` + `adapter_model.safetensors`), loadable by
+        `PeftModel.from_pretrained`, transformers' `load_adapter` and vLLM's `LoRARequest`."""
+        if not self.is_peft:
+            raise ValueError("save_adapter needs a LoRA policy; use save_full for full fine-tuning")
+        self.model.save_pretrained(str(path), safe_serialization=True)
+
+    def save_full(self, path: str | Path) -> None:
+        """All weights with config in safetensors (`from_pretrained` / vLLM format)."""
+        if self.is_peft:
+            raise ValueError("save_full is for full fine-tuning; a LoRA policy saves its adapter (save_adapter)")
+        self.model.save_pretrained(str(path), safe_serialization=True)
+
+    def load_trained_weights(self, path: str | Path) -> None:
+        """Load what `save_adapter`/`save_full` wrote into this model in place, so optimizer
+        state keyed to these parameters stays valid."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if self.is_peft:
+            from peft import set_peft_model_state_dict
+
+            result = set_peft_model_state_dict(self.model, load_file(path / "adapter_model.safetensors"))
+            if result.unexpected_keys:
+                raise ValueError(f"adapter in {path} does not fit this model: {result.unexpected_keys[:5]}")
+            return
+        state = {}
+        for file in sorted(path.glob("*.safetensors")):
+            state.update(load_file(file))
+        result = self.model.load_state_dict(state, strict=False)
+        loaded = {t.data_ptr() for n, t in self.model.state_dict().items() if n in state}
+        untied_missing = [k for k in result.missing_keys if self.model.state_dict()[k].data_ptr() not in loaded]
+        if result.unexpected_keys or untied_missing:
+            raise ValueError(f"weights in {path} do not fit this model: missing {untied_missing[:5]}, "
+                             f"unexpected {result.unexpected_keys[:5]}")
+
+
+class _FrozenReference:
+    """The full-fine-tuning reference: a frozen copy, possibly on another device than the policy."""
+
+    def __init__(self, model: nn.Module, output_device: torch.device) -> None:
+        self._policy = Policy(model, is_peft=False, name_or_path="reference")
+        self._output_device = output_device
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self._policy.lm_head_weight.to(self._output_device)
+
+    @property
+    def lm_head_bias(self) -> torch.Tensor | None:
+        bias = self._policy.lm_head_bias
+        return None if bias is None else bias.to(self._output_device)
+
+    def hidden_states(self, input_ids, attention_mask, logits_to_keep):
+        with torch.no_grad():
+            device = self._policy.device
+            hidden = self._policy.hidden_states(input_ids.to(device), attention_mask.to(device), logits_to_keep)
+        return hidden.to(self._output_device)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] positions counting attended tokens; padding gets 0 (transformers' generate rule)."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)
+
+
+def load_policy(model_name_or_path: str, *, dtype: DType = "auto", lora_r: int = 16, lora_alpha: int = 32,
+                lora_dropout: float = 0.0, lora_target_modules: str | list[str] = "all-linear",
+                load_in_4bit: bool = False, gradient_checkpointing: bool = True,
+                offload_activations: bool = False, reference_copy: ReferenceCopy = "none",
+                device: str | torch.device | None = None) -> Policy:
+    """Load a causal LM for RL training.
+
+    lora_r=0 is full fine-tuning (every parameter trains; no free reference, see `reference_copy`).
+    load_in_4bit is QLoRA: bitsandbytes nf4 base weights with double quantization and bf16
+    compute; LoRA weights stay float32 (peft's autocast_adapter_dtype).
+    dtype: "auto" takes the checkpoint's dtype; it applies to the non-quantized weights.
+    reference_copy: full fine-tuning only; where to keep the frozen reference copy ("none": no
+    reference, `Policy.reference()` raises).
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if lora_r < 0:
+        raise ValueError(f"lora_r must be >= 0 (0 = full fine-tuning), got {lora_r}")
+    if load_in_4bit and lora_r == 0:
+        raise ValueError("load_in_4bit (QLoRA) needs lora_r > 0: 4-bit base weights cannot be trained")
+    if reference_copy != "none" and lora_r > 0:
+        raise ValueError("reference_copy is for full fine-tuning; LoRA's reference is the adapter switched off")
+    if offload_activations and (device.type != "cuda" or not gradient_checkpointing):
+        raise ValueError("offload_activations needs gradient_checkpointing on a CUDA device")
+
+    kwargs: dict = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype), "device_map": {"": device}}
+    if load_in_4bit:
+        kwargs["quantization_config"] = _nf4_config(device)
+    model = AutoModelForCausalLM.from_pretrained(model_name_or_path, **kwargs)
+
+    reference_model = None
+    if reference_copy != "none":  # loaded again rather than deep-copied: no transient second copy on the device
+        kwargs["device_map"] = {"": "cpu" if reference_copy == "cpu" else device}
+        reference_model = AutoModelForCausalLM.from_pretrained(model_name_or_path, **kwargs)
+        reference_model.eval().requires_grad_(False)
+
+    if gradient_checkpointing:
+        _enable_checkpointing(model, offload_activations)
+
+    if lora_r == 0:
+        return Policy(model, is_peft=False, name_or_path=model_name_or_path, reference_model=reference_model)
+
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora_target_modules if isinstance(lora_target_modules, str) else list(lora_target_modules)
+    head_name = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
+    if not isinstance(targets, str) and any(t == head_name or t.endswith("." + head_name) for t in targets):
+        raise ValueError(f"LoRA on the LM head ({head_name!r}) is not supported: log-probs read the head's "
+                         "weight directly, so an adapter there would be ignored")
+    lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
+                      task_type="CAUSAL_LM")
+    return Policy(get_peft_model(model, lora), is_peft=True, name_or_path=model_name_or_path)
+
+
+def _enable_checkpointing(model: nn.Module, offload: bool) -> None:
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it and added offload
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, offload=offload)
+    elif offload:
+        raise ValueError("offload_activations needs transformers >= 5 (activation_checkpointing_enable)")
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _nf4_config(device: torch.device):
+    """QLoRA quantization (Dettmers et al. 2023, §3): NF4, double quantization, bf16 compute.
+
+    Probes the installed bitsandbytes on `device` first, so an unsupported combination (old
+    bitsandbytes on CPU, say) fails here with a clear message rather than deep inside loading.
+    """
+    from transformers import BitsAndBytesConfig
+
+    try:
+        import bitsandbytes as bnb
+    except ImportError as error:
+        raise RuntimeError("load_in_4bit needs bitsandbytes (the torch extra of aha-rl)") from error
+    try:
+        probe = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
+                                  compress_statistics=True)
+        probe.weight = bnb.nn.Params4bit(torch.randn(64, 64), requires_grad=False, quant_type="nf4",
+                                         compress_statistics=True)
+        probe.to(device)(torch.randn(2, 64, dtype=torch.bfloat16, device=device))
+    except Exception as error:  # whatever the backend raises, the message below says what to do
+        raise RuntimeError(f"load_in_4bit: bitsandbytes {bnb.__version__} cannot run 4-bit nf4 layers on "
+                           f"{device.type} ({type(error).__name__}: {error}); install bitsandbytes >= 0.46 "
+                           "for CPU support, or train with plain LoRA (load_in_4bit=False)") from error
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
