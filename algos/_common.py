@@ -37,7 +37,8 @@ def stop_gradient(x: Array) -> Array:
 def check_shapes(**named: tuple[Array | None, str]) -> dict[str, int]:
     """Check ``name=(array, "B T")`` pairs against one consistent binding of the symbolic dims.
 
-    ``None`` arrays are skipped. Returns the binding, e.g. ``{"B": 4, "T": 7}``.
+    ``None`` arrays are skipped; the first array that has a dim binds it, so list the main input first.
+    Returns the binding, e.g. ``{"B": 4, "T": 7}``.
     Raises ``ValueError`` naming the first argument whose rank or size disagrees.
     """
     dims: dict[str, int] = {}

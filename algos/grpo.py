@@ -198,7 +198,7 @@ def _metrics(ratio: Array, adv: Array, kl: Array | None, mask: Array, config: GR
     xp = array_namespace(ratio, mask)
     ratio, adv = stop_gradient(ratio), stop_gradient(adv)
     active = as_bool(mask)
-    if ratio.shape[1] == 1:  # sequence level: every statistic is over sequences, as TRL
+    if config.importance_sampling_level == "sequence":  # every statistic is over sequences, as TRL
         active = xp.ones_like(ratio, dtype=xp.bool)
     fraction = lambda flags: masked_mean(as_float(flags, ratio.dtype), active)  # noqa: E731
     metrics: Metrics = {}
@@ -212,7 +212,7 @@ def _metrics(ratio: Array, adv: Array, kl: Array | None, mask: Array, config: GR
         metrics["clip_ratio/high_mean"] = fraction(high)
         metrics["clip_ratio/region_mean"] = fraction(low | high)
     full = xp.broadcast_to(ratio, active.shape)
-    metrics["ratio_mean"] = masked_mean(full, active)
+    metrics["ratio_mean"] = masked_mean(full - 1.0, active) + 1.0  # 1 (no drift) when nothing is active
     metrics["ratio_min"] = _masked_extreme(xp.min, full, active, float("inf"))
     metrics["ratio_max"] = _masked_extreme(xp.max, full, active, float("-inf"))
     metrics["advantage_mean"] = xp.mean(adv)

@@ -117,7 +117,7 @@ def token_rewards(scores: Array, logp: Array, ref_logp: Array, mask: Array, *, c
     Shapes: scores [B]; logp (rollout policy), ref_logp, mask [B, T] -> [B, T]. kl by ``kl_estimator`` on
     x = ref_logp - logp. Without gradient.
     """
-    check_shapes(scores=(scores, "B"), logp=(logp, "B T"), ref_logp=(ref_logp, "B T"), mask=(mask, "B T"))
+    check_shapes(logp=(logp, "B T"), ref_logp=(ref_logp, "B T"), mask=(mask, "B T"), scores=(scores, "B"))
     check_float(scores=scores, logp=logp, ref_logp=ref_logp)
     check_mask(mask, logp)
     xp = array_namespace(scores, logp, mask)
@@ -162,8 +162,8 @@ def advantages(
     Advantages are whitened over the active tokens (Bessel, ``whiten_eps``) and 0 outside the completion mask.
     """
     check_shapes(
-        scores=(scores, "B"), logp=(logp, "B T"), ref_logp=(ref_logp, "B T"), values=(values, "B T"),
-        mask=(mask, "B T"),
+        logp=(logp, "B T"), ref_logp=(ref_logp, "B T"), values=(values, "B T"), mask=(mask, "B T"),
+        scores=(scores, "B"),
     )
     check_float(values=values, logp=logp)
     xp = array_namespace(scores, logp, mask)
