@@ -24,7 +24,8 @@ KLEstimator = Literal["k1", "k2", "k3"]
 # --------------------------------------------------------------------------------------------
 
 def stop_gradient(x: Array) -> Array:
-    """sg[x]: the value of ``x`` as a constant (torch ``.detach()``, ``jax.lax.stop_gradient``, NumPy identity)."""
+    """sg[x]: the value of ``x`` as a constant (spec/common.md eq. 15): torch ``.detach()``, ``jax.lax.stop_gradient``,
+    NumPy identity."""
     if array_api_compat.is_torch_array(x):
         return x.detach()
     if array_api_compat.is_jax_array(x):
@@ -119,7 +120,7 @@ def masked_mean(x: Array, mask: Array, axis: int | None = None) -> Array:
 
 
 def masked_var(x: Array, mask: Array, *, ddof: int) -> Array:
-    """Variance over active positions with Σ(x-μ)²/(n - ddof); 0 when n <= ddof (a single value has no spread)."""
+    """Variance over active positions with Σ(x-μ)²/(n - ddof) (spec/common.md eq. 13); 0 when n <= ddof."""
     xp = array_namespace(x, mask)
     count = xp.sum(as_float(as_bool(mask), x.dtype))
     centered = x - masked_mean(x, mask)
@@ -128,7 +129,7 @@ def masked_var(x: Array, mask: Array, *, ddof: int) -> Array:
 
 
 def whiten(x: Array, mask: Array, *, ddof: int = 1, eps: float = 1e-8, shift_mean: bool = True) -> Array:
-    """(x - μ_m) / sqrt(σ²_m + eps) over active positions (TRL ``masked_whiten``, trl.md §5.3).
+    """(x - μ_m) / sqrt(σ²_m + eps) over active positions (spec/common.md eq. 14; TRL ``masked_whiten``).
 
     μ_m, σ²_m: masked mean and variance with ``ddof`` (TRL: Bessel, ddof=1). ``shift_mean=False`` adds μ_m back.
     Inactive positions are returned unchanged in value (callers zero them where the spec says so).
@@ -150,7 +151,7 @@ def nansum(x: Array, axis: int | None = None, keepdims: bool = False) -> Array:
 
 
 def nanmean(x: Array, axis: int | None = None) -> Array:
-    """Mean of the non-NaN values (keepdims); NaN when there are none (as ``torch.nanmean``)."""
+    """Mean of the non-NaN values (keepdims); NaN when there are none (spec/common.md eq. 9, ``torch.nanmean``)."""
     xp = array_namespace(x)
     count = nan_count(x, axis)
     total = nansum(x, axis=axis, keepdims=True)
@@ -158,7 +159,7 @@ def nanmean(x: Array, axis: int | None = None) -> Array:
 
 
 def nanstd(x: Array, axis: int | None = None, *, ddof: int) -> Array:
-    """Standard deviation of the non-NaN values with Σ(x-μ)²/(n - ddof) (keepdims).
+    """Standard deviation of the non-NaN values with Σ(x-μ)²/(n - ddof) (keepdims; spec/common.md eq. 9).
 
     NaN when n <= ddof: TRL's ``nanstd`` (ddof=1) gives NaN for fewer than two values (trl.md §2.2).
     """
@@ -176,7 +177,7 @@ def nan_to_zero(x: Array) -> Array:
 
 
 def combine_rewards(rewards_per_func: Array, weights: Array) -> Array:
-    """R_i = Σ_k^nan w_k r_ik, NaN if every r_ik is NaN (trl.md §1.4, §2.2 "sum_then_normalize").
+    """R_i = Σ_k^nan w_k r_ik, NaN if every r_ik is NaN (spec/common.md eq. 8; trl.md §1.4, §2.2).
 
     Shapes: rewards_per_func [B, K], weights [K] -> [B].
     """
@@ -208,9 +209,10 @@ def apply_missing_eos_penalty(rewards: Array, has_eos: Array, penalty: float | N
 # --------------------------------------------------------------------------------------------
 
 def kl_estimate(logp: Array, ref_logp: Array, estimator: KLEstimator) -> Array:
-    """Per-token estimate of KL(π‖π_ref) on samples from π, with x = log π_ref - log π (Schulman 2020).
+    """Per-token estimate of KL(π‖π_ref) on samples from π, x = log π_ref - log π (spec/common.md eqs. 10–12).
 
     k1 = -x (unbiased, can be negative); k2 = x²/2; k3 = eˣ - x - 1 (unbiased, >= 0; TRL GRPO trl.md §2.5).
+    Schulman 2020, "Approximating KL divergence".
     """
     return _KL_ESTIMATORS[estimator](ref_logp - logp)
 
@@ -233,7 +235,7 @@ _KL_ESTIMATORS: dict[str, Callable[[Array], Array]] = {
 # --------------------------------------------------------------------------------------------
 
 def sequence_mean(per_token: Array, mask: Array) -> Array:
-    """(1/B) Σ_i Σ_t m_it ℓ_it / max(1, Σ_t m_it). TRL alias ``grpo``.
+    """(1/B) Σ_i Σ_t m_it ℓ_it / max(1, Σ_t m_it). TRL alias ``grpo`` (spec/common.md eq. 3).
 
     Shao et al. 2024 (DeepSeekMath, GRPO), eq. 3: per-sequence token mean, then mean over sequences.
     """
@@ -242,14 +244,14 @@ def sequence_mean(per_token: Array, mask: Array) -> Array:
 
 
 def token_mean(per_token: Array, mask: Array) -> Array:
-    """Σ_it m ℓ / max(1, Σ_it m) over this micro-batch. TRL alias ``bnpo`` (TRL v0.16–v0.21 default)."""
+    """Σ_it m ℓ / max(1, Σ_it m) over this micro-batch. TRL alias ``bnpo`` (spec/common.md eq. 4)."""
     return masked_mean(per_token, mask)
 
 
 def token_sum_over_constant(per_token: Array, mask: Array, *, max_completion_length: int) -> Array:
-    """Σ_it m ℓ / (B · L), L = max_completion_length. TRL alias ``dr_grpo``.
+    """Σ_it m ℓ / (B · L), L = max_completion_length. TRL alias ``dr_grpo`` (spec/common.md eq. 5).
 
-    Liu et al. 2025 (Dr. GRPO, "Understanding R1-Zero-Like Training"), eq. 2: a constant normalizer removes
+    Liu et al. 2025 (Dr. GRPO, "Understanding R1-Zero-Like Training"), §3.1: a constant normalizer removes
     the length bias of the per-sequence mean. B is the micro-batch row count (trl.md §2.13 quirk 10).
     """
     xp = array_namespace(per_token, mask)
@@ -257,7 +259,8 @@ def token_sum_over_constant(per_token: Array, mask: Array, *, max_completion_len
 
 
 def token_sum_over_global_count(per_token: Array, mask: Array, *, num_items_in_batch: Array | float | None) -> Array:
-    """Σ_it m ℓ / max(1, N), N = active tokens of the whole generation batch. TRL aliases ``dapo``, ``cispo``.
+    """Σ_it m ℓ / max(1, N), N = active tokens of the whole generation batch. TRL aliases ``dapo``, ``cispo``
+    (spec/common.md eq. 6).
 
     Yu et al. 2025 (DAPO), eq. 8 (token-level policy-gradient loss); MiniMax-M1 2025 (CISPO), eq. 4.
     ``num_items_in_batch=None`` uses this micro-batch's Σ m (then it equals ``token_mean``).

@@ -88,7 +88,7 @@ class GRPOConfig:
 
 
 def advantages(rewards: Array, *, num_generations: int, config: GRPOConfig) -> Array:
-    """Group-relative advantages A_i = (R_i - μ_g(i)) / (σ + ε_A) (spec/grpo.md "Advantages"; trl.md §2.2).
+    """Group-relative advantages A_i = (R_i - μ_g(i)) / (σ + ε_A) (spec/grpo.md eqs. 1–2; trl.md §2.2).
 
     Shapes: rewards [B] (NaN = not scorable), groups are contiguous rows [kG, (k+1)G) -> [B].
     μ_g: NaN-ignoring group mean. σ: NaN-ignoring std with ``std_ddof`` over the group ("group") or the whole
@@ -110,7 +110,8 @@ def advantages(rewards: Array, *, num_generations: int, config: GRPOConfig) -> A
 
 
 def importance_log_ratio(logp: Array, old_logp: Array, mask: Array, level: str) -> Array:
-    """log ρ: token level log π - log π_old [B, T]; sequence level (GSPO eq. 7) its masked mean [B, 1].
+    """log ρ: token level log π - log π_old [B, T]; sequence level (GSPO eq. 7) its masked mean [B, 1]
+    (spec/grpo.md eqs. 3–4).
 
     Inactive positions have log-ratio 0 (so ρ = 1 there and nothing overflows in padding).
     """
@@ -122,7 +123,7 @@ def importance_log_ratio(logp: Array, old_logp: Array, mask: Array, level: str) 
 
 
 def _clipped_surrogate(ratio: Array, adv: Array, logp: Array, config: GRPOConfig) -> Array:
-    """ℓ = -min(min(ρ, δ)·A, clip(ρ, 1-ε_low, 1+ε_high)·A) (GRPO eq. 3; DAPO eq. 8; INTELLECT-2 δ)."""
+    """ℓ = -min(min(ρ, δ)·A, clip(ρ, 1-ε_low, 1+ε_high)·A) (spec/grpo.md eq. 5; DAPO eq. 8; INTELLECT-2 δ)."""
     xp = array_namespace(ratio)
     clipped = xp.clip(ratio, min=1.0 - config.epsilon, max=1.0 + config.clip_high)
     unclipped = ratio if config.delta is None else xp.clip(ratio, max=config.delta)
@@ -130,7 +131,7 @@ def _clipped_surrogate(ratio: Array, adv: Array, logp: Array, config: GRPOConfig
 
 
 def _cispo(ratio: Array, adv: Array, logp: Array, config: GRPOConfig) -> Array:
-    """ℓ = -sg[min(ρ, ε_high)]·A·log π (CISPO eq. 4; TRL caps at ε_high itself, not 1 + ε_high)."""
+    """ℓ = -sg[min(ρ, ε_high)]·A·log π (spec/grpo.md eq. 6; CISPO eq. 4); the cap is ε_high, not 1 + ε_high."""
     xp = array_namespace(ratio)
     return -stop_gradient(xp.clip(ratio, max=config.clip_high)) * adv * logp
 
@@ -154,7 +155,7 @@ def loss(
     config: GRPOConfig,
     num_items_in_batch: Array | float | None = None,
 ) -> tuple[Array, Metrics]:
-    """GRPO micro-batch loss (spec/grpo.md "Loss"; trl.md §2.5–§2.8).
+    """GRPO micro-batch loss (spec/grpo.md eqs. 3–9; trl.md §2.5–§2.8).
 
     Shapes: logp, old_logp, ref_logp, mask [B, T]; advantages [B]. Returns a 0-d loss and 0-d metrics.
 
@@ -194,7 +195,7 @@ def loss(
 
 
 def _metrics(ratio: Array, adv: Array, kl: Array | None, mask: Array, config: GRPOConfig) -> Metrics:
-    """Clip fractions as TRL (token-masked means, or means over sequences for GSPO), ratio and KL stats."""
+    """spec/grpo.md §3: clip fractions as TRL (token-masked, or over sequences for GSPO), ratio and KL stats."""
     xp = array_namespace(ratio, mask)
     ratio, adv = stop_gradient(ratio), stop_gradient(adv)
     active = as_bool(mask)

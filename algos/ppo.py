@@ -6,8 +6,8 @@ Schulman et al. 2016, "High-Dimensional Continuous Control Using GAE", eqs. 11�
 Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences", eq. 2 (per-token KL penalty);
 Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep RL", eq. 5 (dual clip).
 
-Score placement (``reward_position``), with ℓ_i the index of the last active token of row i (rows are
-right-padded: active tokens are a prefix; ℓ_i = -1 for a fully masked row):
+Score placement (``reward_position``, spec/ppo.md eqs. 1–2), with ℓ_i the index of the last active token of
+row i (rows are right-padded: active tokens are a prefix; ℓ_i = -1 for a fully masked row):
   "first_pad" (TRL, default): the score is added at e_i = min(ℓ_i + 1, T - 1), the first padding position after
       the completion, or ℓ_i when the row fills all T positions (TRL L777–779, issue huggingface/trl#3750).
       A fully masked row gets its score at position 0.
@@ -105,14 +105,14 @@ def _reward_index(mask: Array, config: PPOConfig) -> Array:
 
 
 def value_mask(mask: Array, *, config: PPOConfig) -> Array:
-    """v⁺_it = [t <= e_i]: positions whose values enter GAE and the value loss. [B, T] -> [B, T] bool."""
+    """v⁺_it = [t <= e_i] (spec/ppo.md eq. 2): positions whose values enter GAE and the value loss. -> [B, T] bool."""
     xp = array_namespace(mask)
     positions = xp.arange(mask.shape[1], device=device(mask))
     return positions[None, :] <= _reward_index(mask, config)[:, None]
 
 
 def token_rewards(scores: Array, logp: Array, ref_logp: Array, mask: Array, *, config: PPOConfig) -> Array:
-    """r_it = -kl_coef·kl_it·m_it + score_i·[t = e_i] (spec/ppo.md "Rewards"; trl.md §5.3; Ziegler et al. eq. 2).
+    """r_it = -kl_coef·kl_it·m_it + score_i·[t = e_i] (spec/ppo.md eqs. 3–4; trl.md §5.3; Ziegler et al. eq. 2).
 
     Shapes: scores [B]; logp (rollout policy), ref_logp, mask [B, T] -> [B, T]. kl by ``kl_estimator`` on
     x = ref_logp - logp. Without gradient.
@@ -129,7 +129,7 @@ def token_rewards(scores: Array, logp: Array, ref_logp: Array, mask: Array, *, c
 
 
 def gae(token_rewards: Array, values: Array, mask: Array, *, config: PPOConfig) -> tuple[Array, Array]:
-    """Generalized advantage estimation over all T positions (spec/ppo.md "GAE"; Schulman et al. 2016 eq. 16).
+    """Generalized advantage estimation over all T positions (spec/ppo.md eqs. 5–6; Schulman et al. 2016 eq. 16).
 
     Shapes: token_rewards, values, mask [B, T] -> (advantages [B, T], returns [B, T]).
     V_t := 0 outside v⁺ and V_T := 0; δ_t = r_t + γ V_{t+1} - V_t; Â_t = δ_t + γλ Â_{t+1}; returns R̂ = Â + V
@@ -156,7 +156,7 @@ def gae(token_rewards: Array, values: Array, mask: Array, *, config: PPOConfig) 
 def advantages(
     scores: Array, logp: Array, ref_logp: Array, values: Array, mask: Array, *, config: PPOConfig
 ) -> tuple[Array, Array]:
-    """token_rewards -> (optional reward scaling) -> gae -> whitening (spec/ppo.md; trl.md §5.3, L755–799).
+    """token_rewards -> (optional reward scaling) -> gae -> whitening (spec/ppo.md eqs. 3–7; trl.md §5.3).
 
     Shapes: scores [B]; logp (rollout policy), ref_logp, values, mask [B, T] -> (advantages, returns) [B, T].
     Advantages are whitened over the active tokens (Bessel, ``whiten_eps``) and 0 outside the completion mask.
@@ -189,13 +189,13 @@ def loss(
     *,
     config: PPOConfig,
 ) -> tuple[Array, Metrics]:
-    """PPO loss = pg_loss + vf_coef·vf_loss (spec/ppo.md "Loss"; trl.md §5.4).
+    """PPO loss = pg_loss + vf_coef·vf_loss (spec/ppo.md eqs. 8–12, metrics §5; trl.md §5.4).
 
     Shapes: every input [B, T]. ``values`` are the current value predictions (with gradient), ``old_values`` the
     rollout values. ρ = exp(log π - log π_old);
     pg_loss = masked mean over m of max(-Âρ, -Â clip(ρ, 1-ε, 1+ε)) (PPO eq. 7), and for Â < 0 with dual clip
     min(·, -c Â) (Ye et al. eq. 5);
-    vf_loss = ½ · masked mean over v⁺ of max((V - R̂)², (clip(V, V_old - ε_v, V_old + ε_v) - R̂)²) (PPO eq. 9).
+    vf_loss = ½ · masked mean over v⁺ of max((V - R̂)², (clip(V, V_old ± ε_v) - R̂)²) (PPO eq. 9).
     Metrics include ``return_var`` and ``residual_var`` (of R̂ - V_old) over v⁺: explained variance is
     1 - residual_var / return_var once aggregated over the rollout.
     """

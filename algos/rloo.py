@@ -41,7 +41,7 @@ class RLOOConfig:
     """KL coefficient (TRL default 0.05); 0 = no reference model."""
     kl_in: Literal["reward", "loss"] = "reward"
     """Where the KL goes. "reward" (TRL): R_i -= β Σ_t m (log π_old - log π_ref) (k1, no gradient), before the
-    baseline. "loss": β Σ_t m k3(π, π_ref) is added to each sequence's loss (with gradient), as GRPO does per token."""
+    baseline. "loss" (not TRL): β Σ_t m k3(π, π_ref) is added to each sequence's loss (with gradient)."""
     epsilon: float = 0.2
     """Lower clip range of the sequence ratio."""
     epsilon_high: float | None = None
@@ -85,7 +85,7 @@ def advantages(
     ref_logp: Array | None = None,
     mask: Array | None = None,
 ) -> Array:
-    """Leave-one-out advantages A_i = R_i - mean_{j in S, j != i} R_j (spec/rloo.md "Advantages"; trl.md §3.2).
+    """Leave-one-out advantages A_i = R_i - mean_{j in S, j != i} R_j (spec/rloo.md eqs. 1–5; trl.md §3.2).
 
     Shapes: rewards [B] (NaN = not scorable); logp (the sampling/old policy), ref_logp, mask [B, T] -> [B].
     R_i = clip(r_i) - β Σ_t m_it (logp_it - ref_logp_it) when kl_in == "reward" and β != 0 (then logp, ref_logp
@@ -117,7 +117,7 @@ def advantages(
 
 
 def sequence_kl(logp: Array, ref_logp: Array, mask: Array) -> Array:
-    """Σ_t m_it (log π_it - log π_ref,it): the k1 estimate of the sequence KL (trl.md §3.2). [B, T] -> [B]."""
+    """Σ_t m_it (log π_it - log π_ref,it): k1 sequence KL (spec/rloo.md eq. 2; trl.md §3.2). [B, T] -> [B]."""
     return masked_sum(kl_estimate(logp, ref_logp, "k1"), mask, axis=-1)
 
 
@@ -130,12 +130,12 @@ def loss(
     *,
     config: RLOOConfig,
 ) -> tuple[Array, Metrics]:
-    """Sequence-level clipped REINFORCE loss (spec/rloo.md "Loss"; trl.md §3.3).
+    """Sequence-level clipped REINFORCE loss (spec/rloo.md eqs. 6–9; trl.md §3.3).
 
     Shapes: logp, old_logp, ref_logp, mask [B, T]; advantages [B]. Returns a 0-d loss and 0-d metrics.
 
     ρ_i = exp(Σ_t m (log π - log π_old)) (full-sequence ratio, product of token ratios);
-    ℓ_i = -min(ρ_i A_i, clip(ρ_i, 1-ε_low, 1+ε_high) A_i) [+ β Σ_t m k3 when kl_in == "loss"]; loss = mean_i ℓ_i.
+    ℓ_i = -min(ρ_i A_i, clip(ρ_i, 1-ε_low, 1+ε_high) A_i) [+ β Σ_t m k3 if kl_in == "loss"]; L = mean_i ℓ_i.
     ``old_logp=None``: on-policy (ρ = 1 in value, gradient -A_i ∇Σ_t log π). ``ref_logp`` is required only for
     kl_in == "loss" with β != 0; when given, the ``kl`` metric reports the KL estimator of the configured mode.
     """
@@ -171,7 +171,7 @@ def loss(
 
 
 def _metrics(ratio: Array, adv: Array, kl: Array | None, mask: Array, config: RLOOConfig) -> Metrics:
-    """Sequence-level clip fractions (as TRL), ratio mean, and the token-mean KL when a reference is given."""
+    """spec/rloo.md §4: sequence-level clip fractions (as TRL), ratio mean, token-mean KL when a reference is given."""
     xp = array_namespace(ratio)
     ratio = stop_gradient(ratio)
     low = (ratio < 1.0 - config.epsilon) & (adv < 0)

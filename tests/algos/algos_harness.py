@@ -1,4 +1,4 @@
-"""Run one algos function on NumPy, torch (autograd) and JAX (jax.grad, float64) and compare with the tolerance table."""
+"""Run one algos function on NumPy, torch (autograd) and JAX (jax.grad, float64); compare with the tolerance table."""
 from __future__ import annotations
 
 from typing import Any, Callable

@@ -81,11 +81,13 @@ def test_online_dpo(loss_type):
     rewards = arrays["rewards"]
     rewards[[4]] = np.nan  # the third pair has one scorable sample: not valid
     pairs = online_dpo.select_pairs(rewards, num_generations=2)
+
+    def stacked_pairs(rewards):
+        xp = array_namespace(rewards)
+        return xp.stack([xp.astype(p, rewards.dtype) for p in online_dpo.select_pairs(rewards, num_generations=2)])
+
     for run in (run_torch, run_jax):
-        got = run(_as_loss(lambda rewards: array_namespace(rewards).stack(
-            [array_namespace(rewards).astype(p, rewards.dtype) for p in online_dpo.select_pairs(rewards, num_generations=2)]
-        )), {"rewards": rewards})[0]
-        assert_close(got, np.stack(pairs).astype(float))
+        assert_close(run(_as_loss(stacked_pairs), {"rewards": rewards})[0], np.stack(pairs).astype(float))
     loss_arrays = {**pick(arrays, "logp", "ref_logp", "mask"), "chosen_idx": pairs[0], "rejected_idx": pairs[1],
                    "valid": pairs[2]}
     assert_backends_agree(lambda **a: online_dpo.loss(**a, config=config), loss_arrays, ("logp",))

@@ -10,7 +10,7 @@ B, T, L, N = 6, 5, 8, 40  # rows, positions, max_completion_length, num_items_in
 
 
 def reinforce_weights(loss_type, mask):
-    """w_it with ∇loss = -A_i w_it ∇log π_it (the REINFORCE gradient of each aggregation, trl.md §2.13 quirk 1)."""
+    """w_it with ∇loss = -A_i w_it ∇log π_it: the REINFORCE gradient of each aggregation (spec/grpo.md eq. 9)."""
     m = mask.astype(float)
     return {
         "grpo": m / np.clip(m.sum(1, keepdims=True), 1, None) / m.shape[0],

@@ -40,7 +40,9 @@ def assert_same_outputs(a, b):
 def test_grpo_masking_equals_slicing(data, loss_type, level, beta):
     arrays, length = data
     config = grpo.GRPOConfig(loss_type=loss_type, importance_sampling_level=level, beta=beta, max_completion_length=8)
-    run = lambda a: grpo.loss(a["logp"], a["old_logp"], a["ref_logp"], a["advantages"], a["mask"], config=config)  # noqa: E731
+    def run(a):
+        return grpo.loss(a["logp"], a["old_logp"], a["ref_logp"], a["advantages"], a["mask"], config=config)
+
     assert_same_outputs(run(arrays), run(sliced(arrays, length)))
 
 

@@ -182,7 +182,8 @@ def test_ppo(estimator):
             assert_printed(got, PPO_PRINTED[name], 6)
     for got, printed in zip((metrics["pg_loss"], metrics["vf_loss"], value), PPO_LOSSES[estimator]):
         assert_printed(got, float(printed), decimals_of(printed))
-    for got, want in zip((rewards, raw, returns, returns_again, whitened), (o_rewards, o_raw, o_returns, o_returns, o_white)):
+    computed = (rewards, raw, returns, returns_again, whitened)
+    for got, want in zip(computed, (o_rewards, o_raw, o_returns, o_returns, o_white)):
         assert_close(got, want)
     for got, want in zip((metrics["pg_loss"], metrics["vf_loss"], value), o_losses):
         assert_close(got, want)
