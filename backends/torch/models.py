@@ -30,7 +30,7 @@ ReferenceCopy = Literal["none", "device", "cpu"]
 
 
 class Policy:
-    """A causal LM prepared for RL: LoRA/QLoRA adapter or full fine-tuning.
+    """A causal LM prepared for RL: LoRA/QLoRA adapter or full fine-tuning, with its tokenizer.
 
     Build it with `load_policy`. The LM head is never adapted: `load_policy` refuses LoRA target
     lists that name it, and peft's "all-linear" leaves the output layer out, so `lm_head_weight`
@@ -38,15 +38,16 @@ class Policy:
     own logits use.
     """
 
-    def __init__(self, model: nn.Module, *, is_peft: bool, name_or_path: str,
+    def __init__(self, model: nn.Module, tokenizer, *, is_peft: bool, name_or_path: str,
                  reference_model: nn.Module | None = None) -> None:
         self.model = model
+        self.tokenizer = tokenizer
         self.is_peft = is_peft
         self.name_or_path = name_or_path
-        self._reference_model = reference_model
         causal_lm = model.get_base_model() if is_peft else model
-        self._decoder = causal_lm.get_decoder()
-        self._lm_head = causal_lm.get_output_embeddings()
+        self._decoder, self._lm_head = causal_lm.get_decoder(), causal_lm.get_output_embeddings()
+        self._reference_model = reference_model
+        self._in_reference = False
 
     @property
     def generation_model(self) -> nn.Module:
@@ -59,52 +60,73 @@ class Policy:
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
-        """[V, H] output projection; the embedding matrix itself when embeddings are tied."""
+        """[V, H] output projection; the embedding matrix itself when embeddings are tied.
+        Inside `reference()` with a full-fine-tuning copy: the copy's head, on this policy's device."""
+        if self._using_copy:
+            return self._reference_model.get_output_embeddings().weight.to(self.device)
         return self._lm_head.weight
 
     @property
     def lm_head_bias(self) -> torch.Tensor | None:
         """[V] output bias, None for the usual bias-free LM head."""
+        if self._using_copy:
+            bias = self._reference_model.get_output_embeddings().bias
+            return None if bias is None else bias.to(self.device)
         return self._lm_head.bias
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      logits_to_keep: int) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int,
+                      *, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm hidden states [B, logits_to_keep, H] of the positions that predict the last
         `logits_to_keep` tokens of `input_ids` [B, L] (positions L-k-1 .. L-2).
 
         Naive equivalent (the test oracle):
-            model(input_ids, attention_mask, position_ids=positions(attention_mask)).logits[:, -k-1:-1]
+            model(input_ids, attention_mask, position_ids=...).logits[:, -k-1:-1]
             == hidden_states(...) @ lm_head_weight.T (+ lm_head_bias)
 
-        Position ids count attended tokens (`cumsum(mask) - 1`), as `generate` and vLLM number a
-        left-padded prompt, so scoring sees the positions that sampling saw.
+        position_ids None counts attended tokens (`position_ids_from_mask`), as `generate` and
+        vLLM number a left-padded prompt, so scoring sees the positions that sampling saw.
         """
         if not 1 <= logits_to_keep < input_ids.shape[1]:
             raise ValueError(f"logits_to_keep must be in [1, {input_ids.shape[1] - 1}], got {logits_to_keep}")
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
-        output = self._decoder(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
+        if self._using_copy:
+            decoder, device = self._reference_model.get_decoder(), self._reference_model.device
+            with torch.no_grad():
+                output = decoder(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                 position_ids=position_ids.to(device), use_cache=False)
+            return output.last_hidden_state[:, -logits_to_keep - 1:-1].to(input_ids.device)
+        output = self._decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=False)
         return output.last_hidden_state[:, -logits_to_keep - 1:-1]
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[Policy]:
-        """The reference policy π_ref, for KL terms and DPO: yields an object with the same
-        `hidden_states` / `lm_head_weight` / `lm_head_bias`.
+        """Within the block this policy *is* the reference π_ref: `hidden_states`, `lm_head_weight`
+        and `lm_head_bias` answer for it (read the head inside the block).
 
-        LoRA/QLoRA: this policy with the adapter disabled for the duration (no copy, no memory).
-        Full fine-tuning: the frozen copy made at load time; on the CPU when loaded with
-        `reference_copy="cpu"` (inputs moved there, hidden states moved back).
+        LoRA/QLoRA: the adapter is disabled for the duration (no copy, no memory).
+        Full fine-tuning: the frozen copy made at load time (no gradient); with
+        `reference_copy="cpu"` it runs on the CPU and its outputs are moved to this policy's device.
         """
-        if self.is_peft:
-            with self.model.disable_adapter():
-                yield self
-        elif self._reference_model is None:
+        if self._in_reference:
+            raise RuntimeError("reference() is already active")
+        if not self.is_peft and self._reference_model is None:
             raise RuntimeError(
                 "full fine-tuning keeps no reference model: load with reference_copy='device' or 'cpu' "
                 "(a frozen copy of all weights) or train without a reference (beta=0)")
-        else:
-            yield _FrozenReference(self._reference_model, self.device)
+        self._in_reference = True
+        try:
+            with self.model.disable_adapter() if self.is_peft else contextlib.nullcontext():
+                yield self
+        finally:
+            self._in_reference = False
+
+    @property
+    def _using_copy(self) -> bool:
+        return self._in_reference and self._reference_model is not None
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -141,35 +163,13 @@ class Policy:
         state = {}
         for file in sorted(path.glob("*.safetensors")):
             state.update(load_file(file))
+        current = self.model.state_dict()
         result = self.model.load_state_dict(state, strict=False)
-        loaded = {t.data_ptr() for n, t in self.model.state_dict().items() if n in state}
-        untied_missing = [k for k in result.missing_keys if self.model.state_dict()[k].data_ptr() not in loaded]
+        loaded = {current[name].data_ptr() for name in state if name in current}
+        untied_missing = [k for k in result.missing_keys if current[k].data_ptr() not in loaded]
         if result.unexpected_keys or untied_missing:
             raise ValueError(f"weights in {path} do not fit this model: missing {untied_missing[:5]}, "
                              f"unexpected {result.unexpected_keys[:5]}")
-
-
-class _FrozenReference:
-    """The full-fine-tuning reference: a frozen copy, possibly on another device than the policy."""
-
-    def __init__(self, model: nn.Module, output_device: torch.device) -> None:
-        self._policy = Policy(model, is_peft=False, name_or_path="reference")
-        self._output_device = output_device
-
-    @property
-    def lm_head_weight(self) -> torch.Tensor:
-        return self._policy.lm_head_weight.to(self._output_device)
-
-    @property
-    def lm_head_bias(self) -> torch.Tensor | None:
-        bias = self._policy.lm_head_bias
-        return None if bias is None else bias.to(self._output_device)
-
-    def hidden_states(self, input_ids, attention_mask, logits_to_keep):
-        with torch.no_grad():
-            device = self._policy.device
-            hidden = self._policy.hidden_states(input_ids.to(device), attention_mask.to(device), logits_to_keep)
-        return hidden.to(self._output_device)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -192,7 +192,7 @@ def load_policy(model_name_or_path: str, *, dtype: DType = "auto", lora_r: int =
     reference_copy: full fine-tuning only; where to keep the frozen reference copy ("none": no
     reference, `Policy.reference()` raises).
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if lora_r < 0:
@@ -208,6 +208,9 @@ def load_policy(model_name_or_path: str, *, dtype: DType = "auto", lora_r: int =
     if load_in_4bit:
         kwargs["quantization_config"] = _nf4_config(device)
     model = AutoModelForCausalLM.from_pretrained(model_name_or_path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+    if tokenizer.pad_token is None:  # batching needs one; EOS is the usual stand-in (TRL does the same)
+        tokenizer.pad_token = tokenizer.eos_token
 
     reference_model = None
     if reference_copy != "none":  # loaded again rather than deep-copied: no transient second copy on the device
@@ -219,7 +222,8 @@ def load_policy(model_name_or_path: str, *, dtype: DType = "auto", lora_r: int =
         _enable_checkpointing(model, offload_activations)
 
     if lora_r == 0:
-        return Policy(model, is_peft=False, name_or_path=model_name_or_path, reference_model=reference_model)
+        return Policy(model, tokenizer, is_peft=False, name_or_path=model_name_or_path,
+                      reference_model=reference_model)
 
     from peft import LoraConfig, get_peft_model
 
@@ -230,7 +234,7 @@ def load_policy(model_name_or_path: str, *, dtype: DType = "auto", lora_r: int =
                          "weight directly, so an adapter there would be ignored")
     lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
                       task_type="CAUSAL_LM")
-    return Policy(get_peft_model(model, lora), is_peft=True, name_or_path=model_name_or_path)
+    return Policy(get_peft_model(model, lora), tokenizer, is_peft=True, name_or_path=model_name_or_path)
 
 
 def _enable_checkpointing(model: nn.Module, offload: bool) -> None:

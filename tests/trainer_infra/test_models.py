@@ -100,15 +100,39 @@ def test_full_fine_tuning_reference_needs_a_copy(qwen_path, batch):
             pass
 
     policy = load_policy(qwen_path, dtype="float32", lora_r=0, reference_copy="cpu", device="cpu")
-    with torch.no_grad(), policy.reference() as ref:
-        before = ref.hidden_states(*batch, K) @ ref.lm_head_weight.T
-    torch.optim.SGD(policy.trainable_parameters(), lr=1.0).zero_grad()
-    policy.hidden_states(*batch, K).square().mean().backward()
-    torch.optim.SGD(policy.trainable_parameters(), lr=1.0).step()
-    with torch.no_grad(), policy.reference() as ref:
-        assert not ref.hidden_states(*batch, K).requires_grad
-        assert_close(ref.hidden_states(*batch, K) @ ref.lm_head_weight.T, before)
-        assert (policy.hidden_states(*batch, K) - ref.hidden_states(*batch, K)).abs().max() > 1e-3
+
+    def logits():
+        return policy.hidden_states(*batch, K) @ policy.lm_head_weight.T
+
+    with torch.no_grad(), policy.reference():
+        before = logits()
+    optimizer = torch.optim.SGD(policy.trainable_parameters(), lr=1.0)
+    logits().square().mean().backward()  # moves every weight, the LM head included
+    optimizer.step()
+    with policy.reference():  # the copy is frozen: no graph even with grad enabled
+        reference = policy.hidden_states(*batch, K)
+        assert not reference.requires_grad
+        assert_close(reference @ policy.lm_head_weight.T, before)
+    with torch.no_grad():
+        assert (logits() - before).abs().max() > 1e-3
+
+
+def test_position_ids_default_counts_attended_tokens(qwen_path, batch):
+    policy = load_policy(qwen_path, dtype="float32", device="cpu")
+    input_ids, attention_mask = batch
+    assert position_ids_from_mask(attention_mask)[1].tolist() == [0, 0, 0, 0, 1, 2, 3, 4, 5, 6]
+    with torch.no_grad():
+        default = policy.hidden_states(input_ids, attention_mask, K)
+        explicit = policy.hidden_states(input_ids, attention_mask, K,
+                                        position_ids=position_ids_from_mask(attention_mask))
+        arange = policy.hidden_states(input_ids, attention_mask, K, position_ids=torch.arange(10).expand(3, 10))
+        stretched = policy.hidden_states(input_ids, attention_mask, K, position_ids=torch.arange(0, 20, 2).expand(3, 10))
+    torch.testing.assert_close(default, explicit, rtol=0, atol=0)
+    # RoPE sees only offsets: shifting a left-padded row's positions changes nothing (row 2 differs
+    # only at its right padding, which the completion mask drops)
+    assert_close(arange[:2], default[:2])
+    assert (stretched - default).abs().max() > 1e-3  # explicit positions are used
+    assert policy.tokenizer.pad_token_id == 0
 
 
 def test_invalid_options_are_refused(qwen_path):
