@@ -9,6 +9,7 @@ aggregation of per-token losses). TRL semantics: shared/reference/trl.md §1–�
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Callable, Literal
 
 import array_api_compat
@@ -268,7 +269,7 @@ def token_sum_over_global_count(per_token: Array, mask: Array, *, num_items_in_b
     xp = array_namespace(per_token, mask)
     total = masked_sum(per_token, mask)
     count = xp.sum(as_float(as_bool(mask), per_token.dtype)) if num_items_in_batch is None else num_items_in_batch
-    if isinstance(count, (int, float)):
+    if isinstance(count, numbers.Real):  # Python or NumPy scalar
         return total / max(1.0, float(count))
     return total / xp.clip(xp.astype(count, per_token.dtype), min=1.0)
 
