@@ -46,7 +46,7 @@ class OnlineDPOConfig:
 
 
 def select_pairs(rewards: Array, *, num_generations: int) -> tuple[Array, Array, Array]:
-    """One (chosen, rejected) pair per contiguous group of G >= 2 samples (spec/online_dpo.md "Pairs").
+    """One (chosen, rejected) pair per contiguous group of G >= 2 samples (spec/online_dpo.md eq. 2).
 
     Shapes: rewards [B] (NaN = not scorable) -> chosen_idx [P], rejected_idx [P] (integer row indices into
     [0, B)), valid [P] (bool), with P = B / G.
@@ -72,13 +72,13 @@ def select_pairs(rewards: Array, *, num_generations: int) -> tuple[Array, Array,
 
 
 def _sigmoid(h: Array, beta: float) -> Array:
-    """-log σ(β h) = log(1 + e^{-β h}), computed stably (DPO eq. 7)."""
+    """-log σ(β h) = log(1 + e^{-β h}), computed stably (spec/online_dpo.md eq. 5; DPO eq. 7)."""
     xp = array_namespace(h)
     return xp.logaddexp(xp.zeros_like(h), -beta * h)
 
 
 def _ipo(h: Array, beta: float) -> Array:
-    """(h - 1/(2β))² (IPO eq. 17 with summed log-ratios, TRL Online DPO L1233–1234)."""
+    """(h - 1/(2β))² (spec/online_dpo.md eq. 6; IPO eq. 17 with summed log-ratios, as TRL)."""
     return (h - 1.0 / (2.0 * beta)) ** 2
 
 
@@ -95,7 +95,7 @@ def loss(
     *,
     config: OnlineDPOConfig,
 ) -> tuple[Array, Metrics]:
-    """Online DPO loss over the valid pairs (spec/online_dpo.md "Loss"; trl.md §4.1 step 8).
+    """Online DPO loss over the valid pairs (spec/online_dpo.md eqs. 3–7, metrics §5; trl.md §4.1).
 
     Shapes: logp, ref_logp, mask [B, T]; chosen_idx, rejected_idx [P] integer; valid [P] bool.
     Sequence log-probs s_i = Σ_t m_it log π_it (no length normalization);
