@@ -115,8 +115,21 @@ def measure(name, fn, hidden, weight, targets, device, args, entropy=False):
 
 
 def accuracy_check(device, implementations) -> dict:
-    """Largest |error| against naive float64 on an odd-sized case, values and gradients, bf16 and fp32."""
+    """Largest |error| against naive float64 on an odd-sized case, values and gradients, bf16 and fp32.
+
+    Chunks of 1024 columns and row blocks of 256 rows (the element budgets shrunk for the check), so that the
+    online softmax and the gradient accumulations cross chunk and row-block boundaries.
+    """
+    from aha.backends.torch import logprobs
+
     n, width, vocab, temperature = 777, 256, 5003, 0.7
+    small_budget = 256 * 1024
+    saved_budget = logprobs._TORCH_BLOCK_ELEMENTS
+    logprobs._TORCH_BLOCK_ELEMENTS = small_budget
+    if "triton" in implementations:
+        from aha.backends.torch import triton_logprobs
+
+        saved_budget, triton_logprobs.BLOCK_ELEMENTS = (saved_budget, triton_logprobs.BLOCK_ELEMENTS), small_budget
     report = {}
     for dtype in (torch.bfloat16, torch.float32):
         gen = torch.Generator(device="cpu").manual_seed(1)
@@ -139,7 +152,7 @@ def accuracy_check(device, implementations) -> dict:
             key = f"{impl}/{str(dtype).removeprefix('torch.')}"
             try:
                 got = same_dtype if impl == "naive-same-dtype" else run(
-                    lambda *a, **k: token_logprobs(*a, **k, implementation=impl), h, w, b)
+                    lambda *a, **k: token_logprobs(*a, **k, chunk_size=1024, implementation=impl), h, w, b)
                 report[key] = {
                     name: {"max_abs": float((g - r).abs().max()), "max_rel_to_max": float((g - r).abs().max() / r.abs().max())}
                     for name, g, r in zip(names, got, reference)
@@ -150,6 +163,10 @@ def accuracy_check(device, implementations) -> dict:
                 report[key] = _error(exc)
                 print(f"  {key:<28} {report[key]['status']}: {report[key]['error']}", flush=True)
             _free(device)
+    if "triton" in implementations:
+        logprobs._TORCH_BLOCK_ELEMENTS, triton_logprobs.BLOCK_ELEMENTS = saved_budget
+    else:
+        logprobs._TORCH_BLOCK_ELEMENTS = saved_budget
     return report
 
 
@@ -176,51 +193,43 @@ def gemm_ms(n, width, vocab, device, args) -> float:
 
 
 def sweep(n, width, vocab, device, args) -> list[dict]:
-    """Triton tile configurations of the forward and grad-logits kernels, and the backward's vocab chunk."""
+    """Epilogue tiles, backward chunk sizes, and two ways to accumulate grad_hidden in float32."""
     from aha.backends.torch import triton_logprobs as tri
 
     rows = []
-    h = torch.randn(n, width, device=device, dtype=torch.bfloat16)
-    w = torch.randn(vocab, width, device=device, dtype=torch.bfloat16) * 0.02
+    h = torch.randn(n, width, device=device, dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(vocab, width, device=device, dtype=torch.bfloat16) * 0.02).requires_grad_()
     t = torch.randint(0, vocab, (n,), device=device)
-    lse = torch.zeros(n, device=device)
-    g = torch.ones(n, device=device)
-    default_fwd, default_bwd = tri.FORWARD_TILES, tri.BACKWARD_TILES
-    for tiles in [(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4),
-                  (64, 128, 64, 4, 4), (128, 128, 128, 8, 3)]:
-        tri.FORWARD_TILES = tri._Tiles(*tiles)
+    default = tri._TILES
+    for tiles in [dict(BLOCK_M=8, BLOCK_N=1024, num_warps=8), dict(BLOCK_M=4, BLOCK_N=2048, num_warps=8),
+                  dict(BLOCK_M=16, BLOCK_N=512, num_warps=8), dict(BLOCK_M=8, BLOCK_N=1024, num_warps=4),
+                  dict(BLOCK_M=2, BLOCK_N=4096, num_warps=8)]:
+        tri._TILES = tiles
+        rows.append({"sweep": "tiles", "tiles": tiles, **measure(f"tiles {tuple(tiles.values())}", lambda h, w, t: (
+            token_logprobs(h, w, t, implementation="triton")), h, w, t, device, args)})
+    tri._TILES = default
+    for chunk in (4096, 16384, 32768):
+        rows.append({"sweep": "chunk", "chunk": chunk, **measure(f"chunk {chunk}", lambda h, w, t: token_logprobs(
+            h, w, t, chunk_size=chunk, implementation="triton"), h, w, t, device, args)})
+    del h, w
+    _free(device)
+    r, c = 4096, 8192
+    g = torch.randn(r, c, device=device, dtype=torch.bfloat16)
+    wc = torch.randn(c, width, device=device, dtype=torch.bfloat16)
+    acc = torch.zeros(r, width, device=device)
+    exact = g.double() @ wc.double()
+    for name, fn in [("add_(g @ w)", lambda: acc.add_(g @ wc)),
+                     ("addmm out_dtype=float32", lambda: torch.addmm(acc, g, wc, out_dtype=torch.float32, out=acc))]:
         try:
-            ms = median_seconds(lambda: tri.forward(h, w, None, t, 1.0, False, None), device, 1, 3) * 1e3
-            rows.append({"kernel": "forward", "tiles": tiles, "ms": round(ms, 3)})
+            acc.zero_()
+            fn()
+            err = float((acc.double() - exact).abs().max() / exact.abs().max())
+            ms = median_seconds(fn, device, 2, 10) * 1e3
+            rows.append({"sweep": "accumulate", "name": name, "ms": round(ms, 4), "max_rel_err": err})
         except Exception as exc:  # noqa: BLE001
-            rows.append({"kernel": "forward", "tiles": tiles, **_error(exc)})
-        print(f"  sweep forward {tiles}: {rows[-1].get('ms', rows[-1].get('status'))}", flush=True)
-    tri.FORWARD_TILES = default_fwd
-    chunk = 8192
-    buf = torch.empty(n, chunk, device=device, dtype=torch.bfloat16)
-    for tiles in [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (256, 128, 64, 8, 3),
-                  (128, 256, 64, 8, 4)]:
-        tri.BACKWARD_TILES = tri._Tiles(*tiles)
-
-        def all_chunks():
-            for c0 in range(0, vocab, chunk):
-                c1 = min(c0 + chunk, vocab)
-                tri.grad_logits(h, w[c0:c1], None, t, c0, lse, None, g, None, 1.0, buf[:, : c1 - c0])
-
-        try:
-            ms = median_seconds(all_chunks, device, 1, 3) * 1e3
-            rows.append({"kernel": "grad_logits", "tiles": tiles, "ms": round(ms, 3)})
-        except Exception as exc:  # noqa: BLE001
-            rows.append({"kernel": "grad_logits", "tiles": tiles, **_error(exc)})
-        print(f"  sweep grad_logits {tiles}: {rows[-1].get('ms', rows[-1].get('status'))}", flush=True)
-    tri.BACKWARD_TILES = default_bwd
-    del buf
-    h.requires_grad_()
-    w.requires_grad_()
-    for chunk in (4096, 8192, 16384):
-        row = measure(f"triton chunk={chunk}", lambda h, w, t: token_logprobs(h, w, t, chunk_size=chunk),
-                      h, w, t, device, args)
-        rows.append({"kernel": "fwd+bwd", "chunk": chunk, **row})
+            rows.append({"sweep": "accumulate", "name": name, **_error(exc)})
+        print(f"  accumulate {name}: {rows[-1].get('ms', rows[-1].get('error'))} ms "
+              f"err {rows[-1].get('max_rel_err')}", flush=True)
     return rows
 
 
@@ -252,7 +261,8 @@ def main() -> int:
     print(f"env: {result['env']}", flush=True)
     started = time.time()
 
-    print("accuracy vs naive float64 (N=777, H=256, V=5003, bias, temperature 0.7, logp+entropy cotangents):")
+    print("accuracy vs naive float64 (N=777, H=256, V=5003, bias, temperature 0.7, logp+entropy cotangents,"
+          " 1024-column chunks, 256-row blocks):")
     result["accuracy"] = accuracy_check(device, implementations)
 
     rows = []

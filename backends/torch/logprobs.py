@@ -1,15 +1,17 @@
 """Per-token log-probabilities (and entropies) straight from hidden states, without [N, V] logits.
 
-One public function, ``token_logprobs``. Two implementations behind it, sharing one autograd Function:
+One public function, ``token_logprobs``, one autograd Function and one loop over row blocks × vocabulary
+chunks. Per block, a GEMM (cuBLAS on GPU) writes the [rows, chunk] logits in the input dtype into a reused
+buffer, exactly as the naive ``hidden @ weight.T`` rounds them, and an epilogue consumes them:
 
-* ``torch``: a loop over row blocks × vocabulary chunks with an online log-sum-exp (Milakov & Gimelshein
-  2018, "Online normalizer calculation for softmax", alg. 3), accumulating in float32 (float64 for float64 input).
-* ``triton`` (``triton_logprobs.py``): a fused Triton forward; the backward recomputes one grad-logits chunk
-  in a Triton kernel and hands it to cuBLAS for the two weight-sized products.
+* forward: fold the block into each row's online-softmax state (running max, Σ e^(z-max), Σ e^(z-max)(z-max),
+  target logit; Milakov & Gimelshein 2018, "Online normalizer calculation for softmax", alg. 3);
+* backward: recompute the block, overwrite it with ∂/∂logits, and hand it to two more GEMMs.
 
-Both save only the [N] log-sum-exp (and the [N] entropy) for the backward, which recomputes the logits chunk by
-chunk. Memory beyond inputs, outputs and gradients: one [rows, chunk] block of logits (torch: a few float32
-temporaries of that size; triton: one bf16 grad-logits buffer) plus a float32 [rows, H] grad-hidden accumulator.
+The epilogues come in two implementations: ``torch`` (a few float32 temporaries per block; CPU and fallback)
+and ``triton`` (``triton_logprobs.py``: one fused pass over the block, reading it once). The forward saves only
+the [N] log-sum-exp (and the [N] entropy). Memory beyond inputs, outputs and gradients: one [rows, chunk] block
+(plus the torch epilogue's float32 temporaries of that size) and a float32 [rows, H] grad-hidden accumulator.
 
 The math, with z = (h·Wᵀ + b) / τ in float32, lse = log Σ_v exp z_v, p = exp(z - lse):
     logp_i   = z_{t_i} - lse
@@ -22,6 +24,8 @@ it does not cancel two numbers of the size of the logits.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -31,8 +35,8 @@ Implementation = Literal["auto", "torch", "triton"]
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _TORCH_CHUNK = 4096
 """Default vocabulary chunk of the torch implementation."""
-_CHUNK_ELEMENTS = 1 << 22
-"""rows × chunk elements of one logits block (16 MiB in float32); the row block is derived from it."""
+_TORCH_BLOCK_ELEMENTS = 1 << 22
+"""rows × max(chunk, H) bound of the torch implementation: each float32 temporary of a block is <= 16 MiB."""
 
 
 def token_logprobs(
@@ -60,7 +64,8 @@ def token_logprobs(
     that require grad) through both outputs; the backward recomputes the logits chunk by chunk.
 
     ``chunk_size``: vocabulary columns per block (default 4096 for torch, 8192 for triton); the row block is
-    sized so that one block of logits stays small. ``implementation``: "auto" is triton on CUDA when Triton
+    sized so that one block (and the [rows, H] float32 accumulator) stays at most 16 MiB (torch: float32
+    temporaries) or 32M elements (triton: 64 MiB in bf16). ``implementation``: "auto" is triton on CUDA when Triton
     imports, torch otherwise; "triton" on CPU tensors needs ``TRITON_INTERPRET=1``.
     """
     _check_inputs(hidden, weight, targets, bias, temperature, chunk_size)
@@ -72,10 +77,10 @@ def token_logprobs(
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, return_entropy, impl, chunk_size):
-        forward_fn = _chunked_forward if impl == "torch" else _triton().forward
-        logp, entropy, lse = forward_fn(hidden, weight, bias, targets, temperature, return_entropy, chunk_size)
+        plan = _plan(impl, hidden, weight, chunk_size)
+        logp, entropy, lse = chunked_forward(hidden, weight, bias, targets, temperature, return_entropy, plan)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
-        ctx.temperature, ctx.impl, ctx.chunk_size = temperature, impl, chunk_size
+        ctx.temperature, ctx.plan = temperature, plan
         ctx.set_materialize_grads(False)
         return (logp, entropy) if return_entropy else (logp,)
 
@@ -90,139 +95,172 @@ class _TokenLogprobs(torch.autograd.Function):
         grad_entropy = None if grad_entropy is None else grad_entropy.contiguous()
         grads = chunked_backward(
             hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy,
-            temperature=ctx.temperature, impl=ctx.impl, chunk_size=ctx.chunk_size, needs=needs,
+            temperature=ctx.temperature, plan=ctx.plan, needs=needs,
         )
         return (*grads, None, None, None, None, None)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# torch implementation
+# The chunk loops, shared by both implementations
 # --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Block sizes and the two per-block epilogues of one implementation."""
+
+    rows: int
+    chunk: int
+    online_update: Callable[..., None]
+    grad_logits: Callable[..., None]
+
+
+def _plan(impl: str, hidden: torch.Tensor, weight: torch.Tensor, chunk_size: int | None) -> _Plan:
+    if impl == "torch":
+        default_chunk, block_elements = _TORCH_CHUNK, _TORCH_BLOCK_ELEMENTS
+        online_update, grad_logits = _torch_online_update, _torch_grad_logits
+    else:
+        tri = _triton()
+        default_chunk, block_elements = tri.TRITON_CHUNK, tri.BLOCK_ELEMENTS
+        online_update, grad_logits = tri.online_update, tri.grad_logits
+    chunk = min(chunk_size or default_chunk, weight.shape[0])
+    # The [rows, H] float32 grad-hidden accumulator obeys the same bound as the [rows, chunk] block.
+    rows = max(1, min(hidden.shape[0], block_elements // max(chunk, hidden.shape[1])))
+    return _Plan(rows, chunk, online_update, grad_logits)
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _row_block(num_rows: int, chunk: int, chunk_elements: int) -> int:
-    return max(1, min(num_rows, chunk_elements // chunk))
+def _block_logits(hidden: torch.Tensor, weight: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """hidden · weightᵀ into the front of ``buffer`` (a cuBLAS GEMM on GPU, rounded to the input dtype)."""
+    out = buffer[: hidden.shape[0] * weight.shape[0]].view(hidden.shape[0], weight.shape[0])
+    return torch.mm(hidden, weight.T, out=out)
 
 
-def _logits(hidden, weight, bias, temperature, acc_dtype):
-    """One block of z = (h·Wᵀ + b).float() / τ, rounded exactly as the naive expression rounds it."""
-    x = hidden @ weight.T
-    if bias is not None:
-        x = x + bias
-    return x.to(acc_dtype) / temperature
-
-
-def _chunked_forward(hidden, weight, bias, targets, temperature, want_entropy, chunk_size):
-    """Online log-sum-exp over vocabulary chunks; per row block keeps (max m, Σ e^(z-m), Σ e^(z-m)(z-m), z_t)."""
+def chunked_forward(hidden, weight, bias, targets, temperature, want_entropy, plan: _Plan):
+    """(logp, entropy or None, lse), each [N]: one online-softmax state per row, updated chunk by chunk."""
     n, vocab = hidden.shape[0], weight.shape[0]
-    chunk = min(chunk_size or _TORCH_CHUNK, vocab)
-    rows = _row_block(n, chunk, _CHUNK_ELEMENTS)
     acc = _accumulation_dtype(hidden.dtype)
-    lse = torch.empty(n, dtype=acc, device=hidden.device)
-    logp = torch.empty_like(lse)
-    entropy = torch.empty_like(lse) if want_entropy else None
-    for r0 in range(0, n, rows):
-        h, t = hidden[r0 : r0 + rows], targets[r0 : r0 + rows]
-        # A finite start for the running max keeps (m_old - m_new)·s = 0 on the first chunk (s = 0 there).
-        m = torch.full((h.shape[0],), torch.finfo(acc).min, dtype=acc, device=h.device)
-        s, a, z_target = torch.zeros_like(m), torch.zeros_like(m), torch.zeros_like(m)
-        for c0 in range(0, vocab, chunk):
-            z = _logits(h, weight[c0 : c0 + chunk], None if bias is None else bias[c0 : c0 + chunk], temperature, acc)
-            m_new = torch.maximum(m, z.amax(-1))
-            rescale = torch.exp(m - m_new)
-            shifted = z - m_new[:, None]
-            e = torch.exp(shifted)
-            if want_entropy:
-                a = rescale * (a + (m - m_new) * s) + (e * shifted).sum(-1)
-            s = rescale * s + e.sum(-1)
-            m = m_new
-            inside = (t >= c0) & (t < c0 + z.shape[1])
-            picked = z.gather(1, (t - c0).clamp(0, z.shape[1] - 1)[:, None])[:, 0]
-            z_target = torch.where(inside, picked, z_target)
-        log_s = torch.log(s)
-        lse[r0 : r0 + rows] = m + log_s
-        logp[r0 : r0 + rows] = z_target - (m + log_s)
-        if want_entropy:
-            entropy[r0 : r0 + rows] = log_s - a / s
-    return logp, entropy, lse
+    # Per row: running max m, Σ e^(z-m), Σ e^(z-m)(z-m), target logit.
+    state = torch.zeros(4, n, dtype=acc, device=hidden.device)
+    state[0] = float("-inf")
+    buffer = torch.empty(plan.rows * plan.chunk, dtype=hidden.dtype, device=hidden.device)
+    for r0 in range(0, n, plan.rows):
+        r1 = min(r0 + plan.rows, n)
+        for c0 in range(0, vocab, plan.chunk):
+            c1 = min(c0 + plan.chunk, vocab)
+            logits = _block_logits(hidden[r0:r1], weight[c0:c1], buffer)
+            plan.online_update(
+                logits, None if bias is None else bias[c0:c1], targets[r0:r1], c0, state[:, r0:r1], temperature,
+                want_entropy,
+            )
+    running_max, exp_sum, shifted_sum, target_logit = state
+    log_sum = torch.log(exp_sum)
+    lse = running_max + log_sum
+    entropy = log_sum - shifted_sum / exp_sum if want_entropy else None
+    return target_logit - lse, entropy, lse
 
 
-def _torch_grad_logits(h, w, b, t, col0, lse, entropy, grad_logp, grad_entropy, temperature, out):
-    """out[:] = ∂(Σ g_logp·logp + g_H·H)/∂(h·Wᵀ + b) for one block, in out's dtype (float32 math)."""
-    z = _logits(h, w, b, temperature, lse.dtype)
-    logp_all = z - lse[:, None]
-    p = torch.exp(logp_all)
-    g = torch.zeros_like(z)
-    if grad_logp is not None:
-        g -= grad_logp[:, None] * p
-        inside = (t >= col0) & (t < col0 + z.shape[1])
-        local = (t - col0).clamp(0, z.shape[1] - 1)[:, None]
-        g.scatter_add_(1, local, torch.where(inside, grad_logp, 0.0).to(g.dtype)[:, None])
-    if grad_entropy is not None:
-        g -= grad_entropy[:, None] * p * (logp_all + entropy[:, None])
-    out.copy_(g / temperature)
-
-
-def chunked_backward(
-    hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, *, temperature, impl, chunk_size, needs
-):
+def chunked_backward(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, *, temperature, plan, needs):
     """Gradients w.r.t. (hidden, weight, bias); None where ``needs`` is False.
 
-    Row blocks outside, vocabulary chunks inside. Per block, the grad-logits G [rows, chunk] is recomputed in
-    the input dtype (the naive backward casts ∂/∂logits to it too), then
+    Row blocks outside, vocabulary chunks inside. Per block the logits are recomputed and overwritten in place
+    by G = ∂/∂(h·Wᵀ + b) in the input dtype (the naive backward casts ∂/∂logits to it too), then
         grad_hidden[rows] += G·W[chunk]   (float32 accumulator of [rows, H])
-        grad_weight[chunk] += Gᵀ·h[rows]  (in weight's dtype; a single product when all rows fit one block)
+        grad_weight[chunk] += Gᵀ·h[rows]  (in weight's dtype: one rounding per row block, one block when N is small)
         grad_bias[chunk] += Σ_rows G      (float32)
     """
     need_h, need_w, need_b = needs
     n, width = hidden.shape
     vocab = weight.shape[0]
     acc = _accumulation_dtype(hidden.dtype)
-    if impl == "torch":
-        chunk = min(chunk_size or _TORCH_CHUNK, vocab)
-        rows = _row_block(n, chunk, _CHUNK_ELEMENTS)
-        grad_logits_fn = _torch_grad_logits
-    else:
-        tri = _triton()
-        chunk, rows = tri.backward_blocks(n, vocab, chunk_size)
-        hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
-        grad_logits_fn = tri.grad_logits
     grad_hidden = torch.empty_like(hidden) if need_h else None
-    grad_weight = torch.empty_like(weight) if need_w else None
+    grad_weight = (torch.empty_like(weight) if n else torch.zeros_like(weight)) if need_w else None
     grad_bias = torch.zeros(vocab, dtype=acc, device=hidden.device) if need_b else None
-    buffer = torch.empty(min(rows, n), chunk, dtype=hidden.dtype, device=hidden.device)
-    accumulator = torch.empty(min(rows, n), width, dtype=acc, device=hidden.device) if need_h else None
-    for r0 in range(0, n, rows):
-        r1 = min(r0 + rows, n)
-        h, t = hidden[r0:r1], targets[r0:r1]
-        row_args = (
-            lse[r0:r1],
-            None if entropy is None else entropy[r0:r1],
-            None if grad_logp is None else grad_logp[r0:r1],
-            None if grad_entropy is None else grad_entropy[r0:r1],
-        )
-        gh = accumulator[: r1 - r0].zero_() if need_h else None
-        for c0 in range(0, vocab, chunk):
-            c1 = min(c0 + chunk, vocab)
-            w, b = weight[c0:c1], None if bias is None else bias[c0:c1]
-            g = buffer[: r1 - r0, : c1 - c0]
-            grad_logits_fn(h, w, b, t, c0, *row_args, temperature, g)
+    buffer = torch.empty(plan.rows * plan.chunk, dtype=hidden.dtype, device=hidden.device)
+    accumulator = torch.empty(plan.rows, width, dtype=acc, device=hidden.device) if need_h else None
+    for r0 in range(0, n, plan.rows):
+        r1 = min(r0 + plan.rows, n)
+        h = hidden[r0:r1]
+        row_args = [None if x is None else x[r0:r1] for x in (targets, lse, entropy, grad_logp, grad_entropy)]
+        if need_h:
+            accumulator.zero_()
+        for c0 in range(0, vocab, plan.chunk):
+            c1 = min(c0 + plan.chunk, vocab)
+            w = weight[c0:c1]
+            g = _block_logits(h, w, buffer)
+            plan.grad_logits(g, None if bias is None else bias[c0:c1], row_args[0], c0, *row_args[1:], temperature)
             if need_h:
-                # One product rounded to the input dtype, summed in float32: the error of one final rounding.
-                gh.add_(g @ w)
+                _add_product(accumulator[: r1 - r0], g, w)
             if need_w:
-                grad_weight[c0:c1].addmm_(g.T, h, beta=0.0 if r0 == 0 else 1.0)
+                grad_weight[c0:c1].addmm_(g.T, h, beta=0.0 if r0 == 0 else 1.0)  # beta=0 ignores the empty memory
             if need_b:
                 grad_bias[c0:c1] += g.sum(0, dtype=acc)
         if need_h:
-            grad_hidden[r0:r1] = gh
-    if n == 0:
-        grad_weight = grad_weight.zero_() if need_w else None
+            grad_hidden[r0:r1] = accumulator[: r1 - r0]
     return grad_hidden, grad_weight, None if grad_bias is None else grad_bias.to(bias.dtype)
+
+
+_MM_OUT_DTYPE = torch.torch_version.TorchVersion(torch.__version__) >= "2.8"
+"""torch >= 2.8 has cuBLAS bf16/fp16 products with a float32 output on CUDA (``out_dtype``)."""
+
+
+def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a·b with acc in float32 (float64) and a, b in the input dtype."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.is_cuda and _MM_OUT_DTYPE:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)  # accumulates in cuBLAS's float32 epilogue
+    else:
+        acc.add_(a @ b)  # one product rounded to the input dtype: about the error of the final rounding
+
+
+# --------------------------------------------------------------------------------------------------------------
+# torch epilogues
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _scaled_logits(logits, bias, temperature, acc_dtype):
+    """z = (x + b).float() / τ, rounded exactly as the naive expression rounds it."""
+    return (logits if bias is None else logits + bias).to(acc_dtype) / temperature
+
+
+def _torch_online_update(logits, bias, targets, col0, state, temperature, want_entropy):
+    """Fold one [rows, chunk] block into the rows' online-softmax state (Milakov & Gimelshein, alg. 3)."""
+    running_max, exp_sum, shifted_sum, target_logit = state
+    z = _scaled_logits(logits, bias, temperature, state.dtype)
+    new_max = torch.maximum(running_max, z.amax(-1))
+    rescale = torch.exp(running_max - new_max)
+    shifted = z - new_max[:, None]
+    e = torch.exp(shifted)
+    if want_entropy:
+        # Σ e^(z-m_old)(z-m_old) re-expressed around m_new; nothing to carry while the sum is still empty.
+        max_shift = torch.where(exp_sum > 0, running_max - new_max, 0.0)
+        shifted_sum.copy_(rescale * (shifted_sum + max_shift * exp_sum) + (e * shifted).sum(-1))
+    exp_sum.copy_(rescale * exp_sum + e.sum(-1))
+    running_max.copy_(new_max)
+    local = targets - col0
+    inside = (local >= 0) & (local < z.shape[1])
+    picked = z.gather(1, local.clamp(0, z.shape[1] - 1)[:, None])[:, 0]
+    target_logit.add_(torch.where(inside, picked, 0.0))
+
+
+def _torch_grad_logits(logits, bias, targets, col0, lse, entropy, grad_logp, grad_entropy, temperature):
+    """Overwrite one block of logits with ∂(Σ g_logp·logp + g_H·H)/∂(h·Wᵀ + b) (float32 math)."""
+    z = _scaled_logits(logits, bias, temperature, lse.dtype)
+    logp_all = z - lse[:, None]
+    p = torch.exp(logp_all)
+    g = torch.zeros_like(z)
+    if grad_logp is not None:
+        g -= grad_logp[:, None] * p
+        local = targets - col0
+        inside = (local >= 0) & (local < z.shape[1])
+        g.scatter_add_(1, local.clamp(0, z.shape[1] - 1)[:, None], torch.where(inside, grad_logp, 0.0)[:, None])
+    if grad_entropy is not None:
+        g -= grad_entropy[:, None] * p * (logp_all + entropy[:, None])
+    logits.copy_(g / temperature)
 
 
 # --------------------------------------------------------------------------------------------------------------
