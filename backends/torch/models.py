@@ -218,6 +218,8 @@ def load_policy(model_name_or_path: str, *, dtype: DType = "auto", lora_r: int =
         reference_model = AutoModelForCausalLM.from_pretrained(model_name_or_path, **kwargs)
         reference_model.eval().requires_grad_(False)
 
+    if load_in_4bit and device.type == "cpu":
+        _disable_cpu_inference_packing(model)
     if gradient_checkpointing:
         _enable_checkpointing(model, offload_activations)
 
@@ -245,6 +247,19 @@ def _enable_checkpointing(model: nn.Module, offload: bool) -> None:
         raise ValueError("offload_activations needs transformers >= 5 (activation_checkpointing_enable)")
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _disable_cpu_inference_packing(model: nn.Module) -> None:
+    """bitsandbytes (0.49-0.50) repacks a Linear4bit weight in place for an AVX512-BF16 kernel the
+    first time it runs on the CPU in eval mode without grad; the packed weight then takes an
+    inference-only path in every later call, training included (no gradient to the layer input,
+    an in-place bias add that raises under autograd). Scoring runs exactly like that, so the
+    repacking is switched off: CPU QLoRA stays on the differentiable dequantize-and-matmul path."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _nf4_config(device: torch.device):

@@ -66,6 +66,21 @@ def test_lora_leaves_head_alone_and_gradients_reach_only_trainable(qwen_path, ba
     assert any(param.grad.abs().sum() > 0 for name, param in trainable if "lora_B" in name)
 
 
+def test_checkpointing_changes_no_gradient(qwen_path, batch):
+    def gradients(checkpointing):
+        torch.manual_seed(0)  # same LoRA initialization
+        policy = load_policy(qwen_path, dtype="float32", lora_r=4, gradient_checkpointing=checkpointing,
+                             device="cpu")
+        randomize_lora_b(policy)
+        assert policy.model.get_base_model().model.layers[0].gradient_checkpointing == checkpointing
+        policy.model.train()
+        torch.logsumexp(policy.hidden_states(*batch, K) @ policy.lm_head_weight.T, -1).sum().backward()
+        return [p.grad for p in policy.trainable_parameters()]
+
+    for checkpointed, plain in zip(gradients(True), gradients(False)):
+        assert_close(checkpointed, plain)
+
+
 def test_reference_is_the_base_model_until_the_adapter_trains(qwen_path, batch):
     policy = load_policy(qwen_path, dtype="float32", lora_r=4, device="cpu")
     base = AutoModelForCausalLM.from_pretrained(qwen_path, dtype=torch.float32)
@@ -165,6 +180,24 @@ def test_qlora_on_cpu(qwen_path, batch):
         assert_close(adapted @ policy.lm_head_weight.T, expected, "bfloat16")
         with policy.reference() as ref:
             assert (ref.hidden_states(*batch, K) - adapted).abs().max() > 0.1
+
+
+def test_qlora_on_cpu_trains_after_an_eval_forward(qwen_path, batch):
+    """Scoring (eval, no grad) must not switch bitsandbytes' CPU layers to an inference-only path."""
+    def gradients(score_first):
+        torch.manual_seed(0)
+        policy = load_policy(qwen_path, lora_r=4, load_in_4bit=True, device="cpu")
+        randomize_lora_b(policy)
+        if score_first:
+            policy.model.eval()
+            with torch.no_grad():
+                policy.hidden_states(*batch, K)
+        policy.model.train()
+        policy.hidden_states(*batch, K).float().square().sum().backward()
+        return [p.grad for p in policy.trainable_parameters()]
+
+    for scored, fresh in zip(gradients(True), gradients(False)):
+        torch.testing.assert_close(scored, fresh, rtol=0, atol=0)
 
 
 def test_unsupported_4bit_backend_fails_clearly(qwen_path, monkeypatch):
