@@ -102,7 +102,8 @@ def measure(name, fn, hidden, weight, targets, device, args, entropy=False):
             step()
             _sync(device)
             grads = sum(p.grad.numel() * p.grad.element_size() for p in (hidden, weight) if p.grad is not None)
-            row["peak_extra_MiB"] = round((torch.cuda.max_memory_allocated() - base - grads - outputs["bytes"]) / 2**20, 1)
+            extra = torch.cuda.max_memory_allocated() - base - grads - outputs["bytes"]
+            row["peak_extra_MiB"] = round(extra / 2**20, 1)
         row["status"] = "ok"
     except Exception as exc:  # noqa: BLE001 -- one failing row must not end the run
         row.update(_error(exc))
@@ -154,7 +155,8 @@ def accuracy_check(device, implementations) -> dict:
                 got = same_dtype if impl == "naive-same-dtype" else run(
                     lambda *a, **k: token_logprobs(*a, **k, chunk_size=1024, implementation=impl), h, w, b)
                 report[key] = {
-                    name: {"max_abs": float((g - r).abs().max()), "max_rel_to_max": float((g - r).abs().max() / r.abs().max())}
+                    name: {"max_abs": float((g - r).abs().max()),
+                           "max_rel_to_max": float((g - r).abs().max() / r.abs().max())}
                     for name, g, r in zip(names, got, reference)
                 }
                 summary = "  ".join(f"{k}={v['max_abs']:.2e}" for k, v in report[key].items())

@@ -65,8 +65,9 @@ def token_logprobs(
 
     ``chunk_size``: vocabulary columns per block (default 4096 for torch, 8192 for triton); the row block is
     sized so that one block (and the [rows, H] float32 accumulator) stays at most 16 MiB (torch: float32
-    temporaries) or 32M elements (triton: 64 MiB in bf16). ``implementation``: "auto" is triton on CUDA when Triton
-    imports, torch otherwise; "triton" on CPU tensors needs ``TRITON_INTERPRET=1``.
+    temporaries) or 32M elements (triton: 64 MiB in bf16). ``implementation``: "auto" is triton on CUDA when
+    Triton imports (and the dtype is not float64), torch otherwise; "triton" on CPU tensors needs
+    ``TRITON_INTERPRET=1``. Logits must be finite (no -inf bias entries).
     """
     _check_inputs(hidden, weight, targets, bias, temperature, chunk_size)
     impl = _resolve(implementation, hidden)
@@ -77,6 +78,9 @@ def token_logprobs(
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, return_entropy, impl, chunk_size):
+        # The epilogues index per-row and per-column vectors densely; hidden and weight only meet GEMMs.
+        targets = targets.contiguous()
+        bias = None if bias is None else bias.contiguous()
         plan = _plan(impl, hidden, weight, chunk_size)
         logp, entropy, lse = chunked_forward(hidden, weight, bias, targets, temperature, return_entropy, plan)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
@@ -288,7 +292,7 @@ def _interpreting() -> bool:
 
 def _resolve(implementation: str, hidden: torch.Tensor) -> str:
     if implementation == "auto":
-        return "triton" if hidden.is_cuda and triton_available() else "torch"
+        return "triton" if hidden.is_cuda and hidden.dtype != torch.float64 and triton_available() else "torch"
     if implementation == "torch":
         return "torch"
     if implementation != "triton":
@@ -330,7 +334,7 @@ def _check_inputs(hidden, weight, targets, bias, temperature, chunk_size) -> Non
         raise ValueError(f"temperature: expected a finite float > 0, got {temperature!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
-    if n and (int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]):
-        raise ValueError(
-            f"targets: ids must lie in [0, {weight.shape[0]}), got min {int(targets.min())}, max {int(targets.max())}"
-        )
+    if n:
+        low, high = torch.stack(torch.aminmax(targets)).tolist()  # one device sync
+        if low < 0 or high >= weight.shape[0]:
+            raise ValueError(f"targets: ids must lie in [0, {weight.shape[0]}), got min {low}, max {high}")
