@@ -39,7 +39,7 @@ class Policy:
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, is_peft: bool, name_or_path: str,
-                 reference_model: nn.Module | None = None) -> None:
+                 reference_model: nn.Module | None = None, offload_activations: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.is_peft = is_peft
@@ -47,6 +47,7 @@ class Policy:
         causal_lm = model.get_base_model() if is_peft else model
         self._decoder, self._lm_head = causal_lm.get_decoder(), causal_lm.get_output_embeddings()
         self._reference_model = reference_model
+        self._offload_activations = offload_activations
         self._in_reference = False
 
     @property
@@ -98,8 +99,12 @@ class Policy:
                 output = decoder(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                  position_ids=position_ids.to(device), use_cache=False)
             return output.last_hidden_state[:, -logits_to_keep - 1:-1].to(input_ids.device)
-        output = self._decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               use_cache=False)
+        # Inside a checkpointed layer checkpointing's own hooks win; outside, what autograd saves is each
+        # layer's input (checkpoint keeps it for the recompute), and save_on_cpu parks it in pinned memory.
+        offload = self._offload_activations and torch.is_grad_enabled() and self.model.training
+        with torch.autograd.graph.save_on_cpu(pin_memory=True) if offload else contextlib.nullcontext():
+            output = self._decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   use_cache=False)
         return output.last_hidden_state[:, -logits_to_keep - 1:-1]
 
     @contextlib.contextmanager
@@ -191,6 +196,9 @@ def load_policy(model_name_or_path: str, *, dtype: DType = "auto", lora_r: int =
     dtype: "auto" takes the checkpoint's dtype; it applies to the non-quantized weights.
     reference_copy: full fine-tuning only; where to keep the frozen reference copy ("none": no
     reference, `Policy.reference()` raises).
+    offload_activations: CUDA with checkpointing only; each layer's input waits in pinned host
+    memory between forward and backward (unsloth.md T12): frees layers × tokens × hidden × 2 bytes
+    of GPU memory (bf16) for one device-to-host copy in forward and one back in backward.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -221,11 +229,15 @@ def load_policy(model_name_or_path: str, *, dtype: DType = "auto", lora_r: int =
     if load_in_4bit and device.type == "cpu":
         _disable_cpu_inference_packing(model)
     if gradient_checkpointing:
-        _enable_checkpointing(model, offload_activations)
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # the new name (transformers >= 5.2x)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     if lora_r == 0:
         return Policy(model, tokenizer, is_peft=False, name_or_path=model_name_or_path,
-                      reference_model=reference_model)
+                      reference_model=reference_model, offload_activations=offload_activations)
 
     from peft import LoraConfig, get_peft_model
 
@@ -236,17 +248,8 @@ def load_policy(model_name_or_path: str, *, dtype: DType = "auto", lora_r: int =
                          "weight directly, so an adapter there would be ignored")
     lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
                       task_type="CAUSAL_LM")
-    return Policy(get_peft_model(model, lora), tokenizer, is_peft=True, name_or_path=model_name_or_path)
-
-
-def _enable_checkpointing(model: nn.Module, offload: bool) -> None:
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it and added offload
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, offload=offload)
-    elif offload:
-        raise ValueError("offload_activations needs transformers >= 5 (activation_checkpointing_enable)")
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return Policy(get_peft_model(model, lora), tokenizer, is_peft=True, name_or_path=model_name_or_path,
+                  offload_activations=offload_activations)
 
 
 def _disable_cpu_inference_packing(model: nn.Module) -> None:

@@ -24,6 +24,12 @@ def _save_model(path, model_class, config):
 
 
 @pytest.fixture(scope="session")
+def save_tiny_model():
+    """save_tiny_model(path, model_class, config) -> str: random weights (seed 0) plus a tokenizer."""
+    return _save_model
+
+
+@pytest.fixture(scope="session")
 def qwen_path(tmp_path_factory):
     """Qwen2, untied LM head, q/k/v biases; hidden 64 so 4-bit blocks of 64 fit."""
     config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
