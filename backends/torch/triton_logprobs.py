@@ -75,7 +75,9 @@ def _online_update_kernel(
             shifted_sum = rescale * (shifted_sum + max_shift * exp_sum) + tl.sum(e * shifted, axis=1)
         exp_sum = rescale * exp_sum + tl.sum(e, axis=1)
         running_max = new_max
-        target_logit += tl.sum(tl.where(cols[None, :] == local_target[:, None], z, 0.0), axis=1)
+        # col_ok: a target in a later chunk has a local index past this block's columns, inside the tile
+        is_target = (cols[None, :] == local_target[:, None]) & col_ok[None, :]
+        target_logit += tl.sum(tl.where(is_target, z, 0.0), axis=1)
     tl.store(state_ptr + rows, running_max, mask=row_ok)
     tl.store(state_ptr + stride_state + rows, exp_sum, mask=row_ok)
     if WANT_ENTROPY:
@@ -108,7 +110,7 @@ def _grad_logits_kernel(
         p = tl.exp(logp)
         g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if HAS_GRAD_LOGP:
-            onehot = tl.where(cols[None, :] == local_target[:, None], 1.0, 0.0)
+            onehot = tl.where((cols[None, :] == local_target[:, None]) & col_ok[None, :], 1.0, 0.0)
             g += grad_logp[:, None] * (onehot - p)
         if HAS_GRAD_ENTROPY:
             g -= grad_entropy[:, None] * p * tl.where(col_ok[None, :], logp + entropy[:, None], 0.0)
