@@ -119,8 +119,8 @@ def accuracy_check(device, implementations) -> dict:
     """Largest |error| against naive float64 on an odd-sized case, values and gradients, bf16 and fp32.
 
     Chunks of 1000 columns (narrower than the 1024-column epilogue tile) and row blocks of 256 rows (the element
-    budgets shrunk for the check), so that the
-    online softmax and the gradient accumulations cross chunk and row-block boundaries.
+    budgets shrunk for the check), so that the online softmax and the gradient accumulations cross chunk and
+    row-block boundaries.
     """
     from aha.backends.torch import logprobs
 
