@@ -1,0 +1,232 @@
+"""Reward functions with TRL's signature, built-ins, loading by name, and batch scoring.
+
+A reward function is called once per generation batch as
+
+    fn(prompts=[...], completions=[...], **row_fields) -> list[float | None]
+
+(trl.md §1.4): `row_fields` holds every dataset field other than the prompt, one list entry per
+completion (e.g. `answer=[...]`), plus what the trainer adds (`completion_ids`). For
+conversational prompts (lists of messages) each completion is passed as
+`[{"role": "assistant", "content": text}]`, for string prompts as the text itself, as TRL does.
+None (or NaN) means "cannot score this one": it becomes NaN, and a sample whose rewards are all
+NaN gets advantage 0 (aha.algos._common.combine_rewards).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import math
+import re
+from collections.abc import Callable, Sequence
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RewardFn = Callable[..., list[float | None]]
+REWARD_FUNCTIONS: dict[str, RewardFn] = {}
+"""Built-in reward functions by name (the names `reward_funcs` accepts besides module/file paths)."""
+
+
+class RewardFunctionError(RuntimeError):
+    """A reward function raised, returned the wrong number of rewards, or a non-number."""
+
+
+def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
+    def register(fn: RewardFn) -> RewardFn:
+        REWARD_FUNCTIONS[name] = fn
+        return fn
+    return register
+
+
+# --- built-ins ---------------------------------------------------------------------------------
+
+ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+")
+THINK_ANSWER = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
+
+
+def completion_text(completion: str | list[dict[str, str]]) -> str:
+    """The text of a completion, whether passed as a string or as [assistant message]."""
+    return completion if isinstance(completion, str) else completion[-1]["content"]
+
+
+def extract_answer(text: str) -> str:
+    """The content of the last <answer>…</answer> if there is one, else the last number, else the
+    last whitespace-separated token (trailing punctuation stripped)."""
+    tagged = ANSWER_TAG.findall(text)
+    if tagged:
+        return tagged[-1]
+    numbers = NUMBER.findall(text)
+    if numbers:
+        return numbers[-1]
+    tokens = text.split()
+    return tokens[-1].strip(".,;:!?\"'") if tokens else ""
+
+
+def normalize_answer(answer: str) -> str:
+    """Canonical form for comparison: whitespace removed, lower case; numbers as their value, so
+    "1,000" == "1000" == "1000.0" == "$1000"; a trailing full stop dropped."""
+    text = re.sub(r"\s+", "", answer).lower().rstrip(".").lstrip("$")
+    if NUMBER.fullmatch(text):
+        try:
+            value = Decimal(text.replace(",", ""))
+        except InvalidOperation:
+            return text
+        return format(value.normalize(), "f") if value != 0 else "0"
+    return text
+
+
+@register_reward("exact_answer")
+def exact_answer(prompts: list, completions: list, answer: list[str | None], **_: Any) -> list[float | None]:
+    """1.0 if the extracted answer (see `extract_answer`) equals the gold `answer` after
+    `normalize_answer`, else 0.0; None (not scorable) for rows without a gold answer."""
+    return [None if gold is None else float(normalize_answer(extract_answer(completion_text(c)))
+                                            == normalize_answer(gold))
+            for c, gold in zip(completions, answer, strict=True)]
+
+
+@register_reward("think_answer_format")
+def think_answer_format(prompts: list, completions: list, **_: Any) -> list[float]:
+    """1.0 if the completion is exactly `<think>…</think> <answer>…</answer>` (whitespace allowed
+    around and between the blocks, one block of each, nothing else), else 0.0."""
+    def strict(text: str) -> bool:
+        match = THINK_ANSWER.fullmatch(text)
+        return bool(match) and all(tag not in "".join(match.groups())
+                                   for tag in ("<think>", "</think>", "<answer>", "</answer>"))
+    return [float(strict(completion_text(c))) for c in completions]
+
+
+def length_penalty_fn(target_length: int = 256, per_unit: float | None = None) -> RewardFn:
+    """A reward of `-per_unit * max(0, length - target_length)`: zero up to the target, then
+    falling linearly (default slope 1/target_length, i.e. -1 at twice the target).
+
+    Length is the number of completion tokens when the trainer passes `completion_ids` (it does),
+    else the number of characters.
+    """
+    slope = 1.0 / target_length if per_unit is None else per_unit
+
+    def length_penalty(prompts: list, completions: list, completion_ids: list | None = None,
+                       **_: Any) -> list[float]:
+        lengths = ([len(ids) for ids in completion_ids] if completion_ids is not None
+                   else [len(completion_text(c)) for c in completions])
+        return [-slope * max(0, n - target_length) for n in lengths]
+    return length_penalty
+
+
+REWARD_FUNCTIONS["length_penalty"] = length_penalty_fn()
+
+
+# --- loading and naming ------------------------------------------------------------------------
+
+def load_reward_function(spec: str | RewardFn) -> RewardFn:
+    """A callable as is; a built-in name; "package.module:function"; or "path/to/file.py:function"."""
+    if callable(spec):
+        return spec
+    if spec in REWARD_FUNCTIONS:
+        return REWARD_FUNCTIONS[spec]
+    if ":" not in spec:
+        raise ValueError(f"unknown reward function {spec!r}; built-ins: {sorted(REWARD_FUNCTIONS)}, "
+                         "or 'module:function' / 'path/to/file.py:function'")
+    target, _, name = spec.rpartition(":")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise ValueError(f"reward function {spec!r}: no such file {path}")
+        module_spec = importlib.util.spec_from_file_location(f"aha_user_rewards.{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(target)
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ValueError(f"reward function {spec!r}: {target} has no callable named {name!r}")
+    return fn
+
+
+def reward_name(fn: RewardFn) -> str:
+    """The name metrics use: the registered name for built-ins, else the function's own name."""
+    for name, registered in REWARD_FUNCTIONS.items():
+        if registered is fn:
+            return name
+    if isinstance(fn, functools.partial):
+        return reward_name(fn.func)
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
+def reward_names(fns: Sequence[RewardFn]) -> list[str]:
+    """Unique metric names, in order; a repeated name gets a suffix (`f`, `f_2`, ...)."""
+    names, seen = [], {}
+    for fn in fns:
+        base = reward_name(fn)
+        seen[base] = seen.get(base, 0) + 1
+        names.append(base if seen[base] == 1 else f"{base}_{seen[base]}")
+    return names
+
+
+# --- batch scoring -----------------------------------------------------------------------------
+
+def compute_rewards(reward_fns: Sequence[RewardFn], weights: Sequence[float] | None, prompts: list,
+                    completions: list[str], rows: list[dict[str, Any]], **extra: Any) -> np.ndarray:
+    """Per-function rewards, float64 [B, K] (B = len(completions), K = len(reward_fns)); NaN = not scorable.
+
+    `rows[i]` is the dataset row of completion i (rows repeat within a group); its fields other
+    than "prompt" are passed as keyword lists, `extra` (e.g. completion_ids=...) is passed as is.
+    `weights` is only checked here (one finite weight per function); the weighted sum is
+    aha.algos._common.combine_rewards, so it is the same code in every backend.
+    """
+    batch = len(completions)
+    if len(prompts) != batch or len(rows) != batch:
+        raise ValueError(f"{len(prompts)} prompts and {len(rows)} rows for {batch} completions")
+    if weights is not None and (len(weights) != len(reward_fns) or not all(map(math.isfinite, weights))):
+        raise ValueError(f"need one finite weight per reward function: {list(weights)} for {len(reward_fns)}")
+    passed = [[{"role": "assistant", "content": text}] if isinstance(p, list) else text
+              for p, text in zip(prompts, completions)]
+    fields = {key for row in rows for key in row if key != "prompt"}
+    columns = {key: [row.get(key) for row in rows] for key in sorted(fields)} | extra
+    rewards = np.empty((batch, len(reward_fns)), dtype=np.float64)
+    for k, (fn, name) in enumerate(zip(reward_fns, reward_names(reward_fns))):
+        rewards[:, k] = _call_reward(fn, name, prompts, passed, columns, batch)
+    return rewards
+
+
+def _call_reward(fn: RewardFn, name: str, prompts: list, completions: list,
+                 columns: dict[str, list], batch: int) -> np.ndarray:
+    try:
+        values = list(fn(prompts=prompts, completions=completions, **columns))
+    except Exception as error:
+        index = _first_failing_sample(fn, prompts, completions, columns)
+        where = f"on sample {index}" if index is not None else "on the batch (no single sample fails alone)"
+        raise RewardFunctionError(f"reward function '{name}' raised {type(error).__name__} {where}: {error}") \
+            from error
+    if len(values) != batch:
+        raise RewardFunctionError(f"reward function '{name}' returned {len(values)} rewards for "
+                                  f"{batch} completions (sample index {min(len(values), batch)} has none or is extra)")
+    out = np.empty(batch, dtype=np.float64)
+    for i, value in enumerate(values):
+        if value is None:
+            out[i] = np.nan
+            continue
+        try:
+            out[i] = float(value)
+        except (TypeError, ValueError) as error:
+            raise RewardFunctionError(f"reward function '{name}' returned {value!r} for sample {i}; "
+                                      "expected a number or None") from error
+        if math.isinf(out[i]):
+            raise RewardFunctionError(f"reward function '{name}' returned {value!r} for sample {i}; "
+                                      "rewards must be finite (None or NaN mark 'not scorable')")
+    return out
+
+
+def _first_failing_sample(fn: RewardFn, prompts: list, completions: list, columns: dict[str, list]) -> int | None:
+    """Error path only: call `fn` one sample at a time to name the sample that makes it raise."""
+    for i in range(len(completions)):
+        single = {key: values[i:i + 1] if isinstance(values, list) else values for key, values in columns.items()}
+        try:
+            fn(prompts=prompts[i:i + 1], completions=completions[i:i + 1], **single)
+        except Exception:
+            return i
+    return None
