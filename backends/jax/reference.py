@@ -8,8 +8,8 @@ registry builds one objective per case from the `aha.algos` functions; this modu
 log-probs and the gradients.
 
 Gradients are taken of `cotangent * loss` (a random upstream cotangent, so a wrong scale cannot hide
-behind a unit seed) with respect to the logits and, separately, to the hidden states, the LM-head
-weight (and bias) and every entry of `params`.
+behind a unit seed) with respect to the logits and every entry of `params` by `jax.grad`, and carried
+to the hidden states, the LM-head weight (and bias) by `jax.vjp` of the logits map.
 """
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,18 +70,17 @@ def evaluate(
         loss, metrics, outputs = objective(logp, params)
         return cotangent * loss, (loss, metrics, outputs)
 
-    def from_weights(hidden, weight, bias, params):
-        return from_logits(logits_of(hidden, weight, bias), params)
-
-    logits = logits_of(hidden, weight, bias)
+    logits, pullback = jax.vjp(logits_of, hidden, weight, bias)
     if not gradients:
         _, (loss, metrics, outputs) = from_logits(logits, params)
         return Evaluation(np.asarray(loss, np.float64), _as_numpy(metrics), _as_numpy(outputs), {})
 
-    (g_logits, _), (loss, metrics, outputs) = jax.grad(from_logits, argnums=(0, 1), has_aux=True)(logits, params)
-    (g_hidden, g_weight, g_bias, g_params), _ = jax.grad(from_weights, argnums=(0, 1, 2, 3), has_aux=True)(
-        hidden, weight, bias, params
+    # One traced pass through the objective; the LM head's share of the chain rule is the VJP of the
+    # logits map, which is exactly what jax.grad w.r.t. (hidden, weight, bias) would compose.
+    (g_logits, g_params), (loss, metrics, outputs) = jax.grad(from_logits, argnums=(0, 1), has_aux=True)(
+        logits, params
     )
+    g_hidden, g_weight, g_bias = pullback(g_logits)
     grads = {"logits": g_logits, "hidden": g_hidden, "weight": g_weight, **g_params}
     if bias is not None:
         grads["bias"] = g_bias

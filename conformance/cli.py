@@ -1,0 +1,72 @@
+"""`python -m aha.conformance` and `aha conformance`: run the suite, print the tables, write a JSON report.
+
+Exit status 0 only if every comparison passes (skips are not failures; the table says why they skip).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from . import golden, registry, report, suite
+from .backends import candidate_backends
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="aha conformance", description=__doc__.splitlines()[0])
+    p.add_argument("--algo", action="append", choices=sorted(registry.problems.PROBLEMS),
+                   help="only this algorithm (repeatable; default all)")
+    p.add_argument("--backend", action="append", metavar="NAME",
+                   help="only backends whose name contains NAME (repeatable; the reference always runs)")
+    p.add_argument("--quick", action="store_true", help="a deterministic subset of the cases (every edge kept)")
+    p.add_argument("--report", metavar="PATH", help="write the JSON report here")
+    p.add_argument("--no-golden", action="store_true", help="skip the golden-vector check")
+    p.add_argument("--list", action="store_true", help="list the cases and backends, run nothing")
+    p.add_argument("-v", "--verbose", action="store_true", help="print every failing comparison")
+    return p
+
+
+def _one_torch_thread() -> None:
+    """The suite multiplies tiny matrices: extra intra-op threads only spin-wait on a shared CPU."""
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    cases = registry.all_cases(args.algo)
+    if args.quick:
+        cases = registry.quick_cases(cases)
+    backends = [b for b in candidate_backends() if not args.backend or any(n in b.name for n in args.backend)]
+    if args.list:
+        for case in cases:
+            print(case.name)
+        for backend in backends:
+            print(f"backend {backend.name} ({backend.dtype})" + (f": {backend.unavailable}" if backend.unavailable else ""))
+        return 0
+
+    _one_torch_thread()
+    start = time.perf_counter()
+    results = suite.run(cases, backends)
+    if not args.no_golden:
+        results += golden.check(args.algo)
+    seconds = time.perf_counter() - start
+
+    print(f"aha conformance: {len(cases)} cases, {len(backends)} candidate backends, {seconds:.1f} s")
+    print(report.table(results))
+    ok = not any(r.status in ("fail", "error") for r in results)
+    if not ok:
+        print()
+        print(report.failures(results, limit=10**6 if args.verbose else 30))
+    if args.report:
+        report.write_json(args.report, report.to_json(results, seconds=seconds, extra={"cases": len(cases)}))
+        print(f"report: {args.report}")
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
