@@ -229,11 +229,11 @@ def load_policy(model_name_or_path: str, *, dtype: DType = "auto", lora_r: int =
     if load_in_4bit and device.type == "cpu":
         _disable_cpu_inference_packing(model)
     if gradient_checkpointing:
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # the new name (transformers >= 5.2x)
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        non_reentrant = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # newer transformers' name; the old one warns there
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=non_reentrant)
         else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
 
     if lora_r == 0:
         return Policy(model, tokenizer, is_peft=False, name_or_path=model_name_or_path,
