@@ -96,11 +96,31 @@ def condition_log_ratio(d: np.ndarray, mask: np.ndarray, kinks: list[float], vie
     return d + np.where(count > 0, per_token, 0.0)[:, None] * mask
 
 
+def visit_every_region(d: np.ndarray, mask: np.ndarray, advantages: np.ndarray, regions, view: str) -> np.ndarray:
+    """Put one token (token view) or one row's mean (mean view) into each (advantage sign, log-ratio) region,
+    on distinct active rows with an advantage of that sign, so every branch of the loss is taken in every
+    off-policy case: a perturbation of any clip edge then changes some loss value."""
+    d = np.array(d, dtype=np.float64)
+    used: set[int] = set()
+    for sign, target in regions:
+        rows = [i for i in range(d.shape[0]) if mask[i].any() and advantages[i] * sign > 0 and i not in used]
+        if not rows:
+            continue
+        row = rows[0]
+        used.add(row)
+        if view == "token":
+            d[row, 0] = target  # rows are right-padded: the first token is active
+        else:
+            d[row] += (target - (d[row] * mask[row]).sum() / mask[row].sum()) * mask[row]
+    return d
+
+
 def log_ratio_noise(rng: np.random.Generator, shape: tuple[int, ...], edge: str) -> np.ndarray:
-    """log π - log π_old: near 0 (σ = 0.2) or, for the `far_ratios` edge, ±1–3 with random sign."""
+    """log π - log π_old: a mix of tokens near the trust region (σ = 0.1) and beyond its edges (σ = 0.5), so
+    both branches of every clip are taken; for the `far_ratios` edge ±1–3 with random sign."""
     if edge == "far_ratios":
         return rng.choice([-1.0, 1.0], size=shape) * rng.uniform(1.0, 3.0, size=shape)
-    return rng.normal(scale=0.2, size=shape)
+    return rng.normal(size=shape) * rng.choice([0.1, 0.5], size=shape)
 
 
 def dyadic_rewards(rng: np.random.Generator, batch: int, num_generations: int, edge: str) -> np.ndarray:
@@ -150,6 +170,17 @@ class GRPOProblem:
         )
         return config, {"on_policy": policy == "on"}
 
+    def regions(self, config) -> list[tuple[float, float]]:
+        """(advantage sign, log-ratio) points inside every region where the loss's branch changes: clipped low
+        with A < 0, clipped high with A > 0, beyond δ with A < 0, above the CISPO cap with A > 0."""
+        if config.loss_type == "cispo":
+            return [(1.0, math.log(config.clip_high) + 0.3)]
+        low, high = math.log(1 - config.epsilon), math.log(1 + config.clip_high)
+        if config.delta is None:
+            return [(-1.0, low - 0.3), (1.0, high + 0.3)]
+        delta = math.log(config.delta)
+        return [(-1.0, low - 0.3), (1.0, (high + delta) / 2), (-1.0, delta + 0.3)]
+
     def kinks(self, config) -> list[float]:
         if config.loss_type == "cispo":
             return [math.log(config.clip_high)]
@@ -161,8 +192,10 @@ class GRPOProblem:
         out: dict[str, Any] = {"rewards": dyadic_rewards(rng, case.shape.B, case.num_generations, case.edge)}
         if not case.options["on_policy"]:
             view = "token" if config.importance_sampling_level == "token" else "mean"
-            d = condition_log_ratio(log_ratio_noise(rng, logp.shape, case.edge), mask, self.kinks(config), view)
-            out["old_logp"] = logp - d
+            d = log_ratio_noise(rng, logp.shape, case.edge)
+            advantages = self.prepare(out, config, case.num_generations)["advantages"]
+            d = visit_every_region(d, mask, advantages, self.regions(config), view)
+            out["old_logp"] = logp - condition_log_ratio(d, mask, self.kinks(config), view)
         if config.beta != 0:
             out["ref_logp"] = logp + rng.normal(scale=0.3, size=logp.shape)
         if config.loss_type in ("dapo", "cispo") and rng.random() < 0.5:
