@@ -12,8 +12,8 @@
 <dtype> is float32 or bfloat16. The fused backends call `aha.backends.torch.losses` (hidden states ->
 `token_logprobs` -> `aha.algos` loss), the very functions the trainer calls. What comes before the
 update (advantages, returns, pairs) is computed by `aha.algos` in every backend's own arrays. Torch
-backends appear only when torch imports; triton ones only on CUDA or under `TRITON_INTERPRET=1`
-(where they run on a subset of cases: the interpreter is slow).
+backends appear only when torch imports; triton ones only on CUDA or under `TRITON_INTERPRET=1` (the
+CPU interpreter: about 5 s for every case of the registry at these sizes).
 """
 from __future__ import annotations
 
@@ -29,10 +29,6 @@ from aha.backends.jax.reference import Evaluation
 from . import problems
 from .registry import LOW_PRECISION_UNSAFE_EDGES, Case
 
-TRITON_INTERPRETER_STRIDE = 6
-"""Under the Triton CPU interpreter only every 6th case runs (about 10 s per backend on 2 cores)."""
-
-
 @dataclass(frozen=True)
 class Backend:
     name: str
@@ -42,17 +38,13 @@ class Backend:
     evaluate: Callable[[Case], Evaluation]
     unavailable: str | None = None
     """Why the backend cannot run here (None = it can)."""
-    stride: int = 1
-    """Run every `stride`-th case only."""
     naive: bool = False
     """The plain same-dtype computation: the error floor optimized backends of its dtype are held to."""
     optimized: bool = False
 
-    def skip_reason(self, case: Case, index: int) -> str | None:
+    def skip_reason(self, case: Case) -> str | None:
         if case.edge in LOW_PRECISION_UNSAFE_EDGES.get(self.dtype, ()):
             return f"edge {case.edge} is not representable in {self.dtype}"
-        if index % self.stride:
-            return f"subset: every {self.stride}th case"
         return None
 
 
@@ -196,8 +188,6 @@ REFERENCE = Backend("jax-float64", "float64", True, evaluate_jax)
 
 def candidate_backends() -> list[Backend]:
     """Every backend compared with the reference, in report order (unavailable ones say why)."""
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    triton_stride = TRITON_INTERPRETER_STRIDE if interpreted else 1
     out = [
         Backend("numpy-float64", "float64", False, evaluate_numpy),
         Backend("torch-float64", "float64", True, _torch_evaluator("float64", None), _torch_unavailable()),
@@ -209,6 +199,6 @@ def candidate_backends() -> list[Backend]:
             Backend(f"torch-fused-{dtype}", dtype, True, _torch_evaluator(dtype, "torch"), _fused_unavailable(),
                     optimized=True),
             Backend(f"triton-{dtype}", dtype, True, _torch_evaluator(dtype, "triton"),
-                    _fused_unavailable() or _triton_unavailable(), stride=triton_stride, optimized=True),
+                    _fused_unavailable() or _triton_unavailable(), optimized=True),
         ]
     return out

@@ -51,7 +51,8 @@ def compare_arrays(quantity: str, candidate, reference, tol: Tolerance, *, scala
     scale = max(1.0, magnitude) if scalar else (magnitude if magnitude > 0 else 1.0)
     diff = np.abs(cand - ref)
     allowed = tol.atol * scale + tol.rtol * np.abs(ref)
-    used = float(np.max(np.where(allowed > 0, diff / np.where(allowed > 0, allowed, 1.0), np.where(diff > 0, np.inf, 0.0))))
+    ratio = np.where(allowed > 0, diff / np.where(allowed > 0, allowed, 1.0), np.where(diff > 0, np.inf, 0.0))
+    used = float(np.max(ratio))
     return Comparison(quantity, used <= 1.0, used, float(np.max(diff)), scale=scale)
 
 

@@ -19,6 +19,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", action="append", metavar="NAME",
                    help="only backends whose name contains NAME (repeatable; the reference always runs)")
     p.add_argument("--quick", action="store_true", help="a deterministic subset of the cases (every edge kept)")
+    p.add_argument("--exhaustive", action="store_true",
+                   help="the full product of every config dimension instead of the all-pairs covering subset")
     p.add_argument("--report", metavar="PATH", help="write the JSON report here")
     p.add_argument("--no-golden", action="store_true", help="skip the golden-vector check")
     p.add_argument("--list", action="store_true", help="list the cases and backends, run nothing")
@@ -37,7 +39,7 @@ def _one_torch_thread() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    cases = registry.all_cases(args.algo)
+    cases = registry.all_cases(args.algo, exhaustive=args.exhaustive)
     if args.quick:
         cases = registry.quick_cases(cases)
     backends = [b for b in candidate_backends() if not args.backend or any(n in b.name for n in args.backend)]
@@ -45,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         for case in cases:
             print(case.name)
         for backend in backends:
-            print(f"backend {backend.name} ({backend.dtype})" + (f": {backend.unavailable}" if backend.unavailable else ""))
+            why = f": {backend.unavailable}" if backend.unavailable else ""
+            print(f"backend {backend.name} ({backend.dtype}){why}")
         return 0
 
     _one_torch_thread()

@@ -33,7 +33,8 @@ def table(results: list[Result]) -> str:
     for result in results:
         groups[(result.algo, result.backend)].append(result)
     header = f"{'backend':<22} {'dtype':<9} {'passed':>6} {'failed':>6} {'skipped':>7} {'used':>9} {'max |err|':>9}"
-    lines = []
+    lines = ["used: the largest fraction of its tolerance any compared element consumed (<= 1 passes); "
+             "max |err|: the largest absolute difference"]
     for algo in sorted({a for a, _ in groups}):
         lines += ["", f"== {algo} ==", header]
         for (a, backend), rows in groups.items():

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -54,7 +53,6 @@ def run(
 ) -> list[Result]:
     """All results, one per (case, backend) plus one finite-difference result per eligible case."""
     results: list[Result] = []
-    position_in_algo: dict[str, int] = defaultdict(int)
 
     def record(result: Result) -> None:
         results.append(result)
@@ -62,8 +60,6 @@ def run(
             progress(result)
 
     for case in cases:
-        index = position_in_algo[case.algo]
-        position_in_algo[case.algo] += 1
         start = time.perf_counter()
         try:
             reference = REFERENCE.evaluate(case)
@@ -82,7 +78,7 @@ def run(
                 record(_error(case, FINITE_DIFFERENCE, "float64", exc))
         naive: dict[str, list[checks.Comparison]] = {}
         for backend in backends:
-            reason = backend.unavailable or backend.skip_reason(case, index)
+            reason = backend.unavailable or backend.skip_reason(case)
             if reason:
                 record(Result(case.name, case.algo, backend.name, backend.dtype, "skip", note=reason))
                 continue

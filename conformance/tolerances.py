@@ -36,8 +36,11 @@ TOLERANCES: dict[str, Tolerance] = {
     "optimized_vs_naive/float32": Tolerance(1.0, 5e-6, "an optimized kernel may double the naive float32 error "
                                                        "(another summation order) plus 42 float32 eps: measured "
                                                        "worst excess 1.6e-6 (RLOO, exp of a sum of 5 log-ratios) x 3"),
-    "optimized_vs_naive/bfloat16": Tolerance(1.0, 4e-3, "an optimized kernel may double the naive bfloat16 error "
-                                                        "plus one bfloat16 eps (one rounding landing the other way)"),
+    "optimized_vs_naive/bfloat16": Tolerance(1.0, 2.5e-2, "an optimized kernel may double the naive bfloat16 "
+                                                         "error plus 6.4 bfloat16 eps: measured worst excess 1.2e-2 "
+                                                         "(triton, Online DPO IPO loss on length-1 rows: triton adds "
+                                                         "the bias in float32 where naive rounds h·Wᵀ + b to "
+                                                         "bfloat16 once more; naive's errors cancelled by luck) x 2"),
 }
 
 LOGIT_MAGNITUDE_MEASURED = 16.0
