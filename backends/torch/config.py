@@ -68,6 +68,8 @@ class TrainConfig:
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo"] = "dapo"
     scale_rewards: Literal["group", "batch", "none"] = "group"
     importance_sampling_level: Literal["token", "sequence"] = "token"
+    kl_in: Literal["reward", "loss"] = "reward"
+    """RLOO only: KL folded into the reward (k1, TRL) or added to the loss (k3) (spec/rloo.md)."""
     num_iterations: int = 1
     """Optimizer steps per generation batch (μ in the GRPO paper)."""
 
