@@ -76,7 +76,7 @@ def compare(
     the reference has (hidden, weight, bias, values) must be there. The dtype's tolerance is widened by
     `conditioning(logit_magnitude)` for logits beyond the range the table was measured on.
     """
-    tol = scaled(tolerance(dtype), conditioning(logit_magnitude))
+    tol = scaled(tolerance(f"pipeline/{dtype}"), conditioning(logit_magnitude))
     out = [compare_arrays("loss", candidate.loss, reference.loss, tol, scalar=True)]
     out += compare_dicts("metric", candidate.metrics, reference.metrics, tol, scalar=True)
     out += compare_dicts("output", candidate.outputs, reference.outputs, tol, scalar=False)

@@ -10,7 +10,7 @@ the JAX float64 reference. One vector per (algorithm, edge case), taken from the
 
 JSON encoding: arrays are nested lists; floats are written with full (repr) precision; NaN and ±inf
 are the strings "NaN", "Infinity", "-Infinity"; booleans are JSON booleans, indices JSON integers.
-A change to `aha.algos` that moves any value beyond the float64 tolerance fails the check, loudly.
+A change to `aha.algos` that moves any value beyond the pipeline/float64 tolerance fails the check, loudly.
 """
 from __future__ import annotations
 
@@ -197,7 +197,7 @@ def _check_vector(algo: str, vector: dict) -> list[checks.Comparison]:
     expected = vector["expected"]
     decoded = lambda tree: {k: _decode(v) for k, v in tree.items()}  # noqa: E731
     want_metrics, want_outputs = decoded(expected["metrics"]), decoded(expected["outputs"])
-    tol = checks.tolerance("float64")
+    tol = checks.tolerance("pipeline/float64")
 
     loss, metrics, outputs = problems.objective(problem, inputs, config, vector["num_generations"])(logp, params)
     out = [checks.compare_arrays("numpy:loss", loss, _decode(expected["loss"]), tol, scalar=True)]

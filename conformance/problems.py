@@ -34,18 +34,24 @@ class Problem(Protocol):
     dimensions: dict[str, tuple]
     """The config dimensions and their values; a variant is one value per dimension."""
     core: tuple[str, ...]
-    """Dimensions whose full product the default (covering) selection keeps (registry.covering_variants)."""
+    """Dimensions whose full product the default (covering) selection keeps (registry.variants)."""
 
     def variant(self, **choice) -> tuple[Any, dict] | None:
         """(config, options) of one choice of values, or None when the combination is meaningless."""
-    def build(self, rng: np.random.Generator, case, *, logp: np.ndarray, mask: np.ndarray) -> dict: ...
+
+    def build(self, rng: np.random.Generator, case, *, logp: np.ndarray, mask: np.ndarray) -> dict:
+        """The algorithm's own float64 inputs of a case, drawn from `rng` (old/ref log-probs around `logp`)."""
+
     def prepare(self, data: dict, config: Any, num_generations: int) -> dict:
         """What the trainer computes before the update, without gradient: advantages, returns, pairs."""
+
     def loss(self, logp, params: dict, data: dict, prepared: dict, config: Any) -> tuple:
         """`aha.algos.<algo>.loss` on given log-probs: (loss, metrics)."""
+
     def fused_loss(self, losses, model: dict, params: dict, data: dict, prepared: dict, config: Any) -> tuple:
         """`aha.backends.torch.losses.<algo>_loss` from hidden states (`model`: hidden [B, T, H], weight,
         bias, targets, temperature, implementation): (loss, metrics)."""
+
     def value_gradient_agree(self, case) -> bool:
         """False where the gradient is by design not the derivative of the value (stop-gradient tricks)."""
 

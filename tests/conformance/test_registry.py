@@ -89,4 +89,5 @@ def test_tolerance_table_has_every_dtype_and_a_source():
         assert tolerance(name).rtol > 0
     for name, tol in TOLERANCES.items():
         assert tol.source.strip(), name
-    assert tolerance("float64").rtol < tolerance("float32").rtol < tolerance("bfloat16").rtol
+    for prefix in ("", "pipeline/"):
+        assert tolerance(f"{prefix}float64").rtol < tolerance(f"{prefix}float32").rtol < tolerance(f"{prefix}bfloat16").rtol
