@@ -115,7 +115,7 @@ def _naive_logprobs(hidden, weight, bias, targets, temperature, keep):
     return torch.log_softmax(logits / temperature, -1).gather(-1, targets[..., None])[..., 0]
 
 
-def _torch_evaluator(dtype: str, implementation: str | None) -> Callable[[Case], Evaluation]:
+def _torch_evaluator(dtype: str, implementation: str | None, device: str) -> Callable[[Case], Evaluation]:
     """Plain torch autograd on naive logits (implementation None), or `aha.backends.torch.losses` with
     `token_logprobs(implementation=...)`: exactly the call the trainer makes."""
 
@@ -125,12 +125,12 @@ def _torch_evaluator(dtype: str, implementation: str | None) -> Callable[[Case],
         inputs, shape = case.inputs, case.shape
         model_dtype = _torch_dtype(dtype)
         loss_dtype = torch.float64 if dtype == "float64" else torch.float32
-        leaf = lambda x, dt: torch.tensor(x, dtype=dt, requires_grad=True)  # noqa: E731
+        leaf = lambda x, dt: torch.tensor(x, dtype=dt, device=device, requires_grad=True)  # noqa: E731
         hidden, weight = leaf(inputs.hidden, model_dtype), leaf(inputs.weight, model_dtype)
         bias = None if inputs.bias is None else leaf(inputs.bias, model_dtype)
-        targets = torch.tensor(inputs.targets)
+        targets = torch.tensor(inputs.targets, device=device)
         params = {k: leaf(v, loss_dtype) for k, v in inputs.params.items()}
-        data = {k: (torch.tensor(v, dtype=loss_dtype) if np.issubdtype(v.dtype, np.floating) else torch.tensor(v))
+        data = {k: torch.tensor(v, dtype=loss_dtype if np.issubdtype(v.dtype, np.floating) else None, device=device)
                 if isinstance(v, np.ndarray) else v for k, v in _numpy_data(case).items()}
         prepared = case.problem.prepare(data, case.config, case.num_generations)
         keep: dict = {}
@@ -149,8 +149,9 @@ def _torch_evaluator(dtype: str, implementation: str | None) -> Callable[[Case],
             grads["bias"] = bias.grad
         if "logits" in keep:
             grads["logits"] = keep["logits"].grad
-        as_np = lambda tree: {k: v.detach().to(torch.float64).numpy() for k, v in tree.items()}  # noqa: E731
-        return Evaluation(loss.detach().to(torch.float64).numpy(), as_np(metrics), as_np(prepared), as_np(grads))
+        as_np = lambda tree: {k: v.detach().to("cpu", torch.float64).numpy() for k, v in tree.items()}  # noqa: E731
+        return Evaluation(loss.detach().to("cpu", torch.float64).numpy(), as_np(metrics), as_np(prepared),
+                          as_np(grads))
 
     return evaluate
 
@@ -159,15 +160,15 @@ def _torch_unavailable() -> str | None:
     return None if importlib.util.find_spec("torch") else "torch is not installed"
 
 
-def _triton_unavailable() -> str | None:
+def _triton_unavailable(device: str) -> str | None:
     if _torch_unavailable():
         return _torch_unavailable()
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     import torch
 
-    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")):
-        return "needs CUDA or TRITON_INTERPRET=1"
+    if not (device.startswith("cuda") or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")):
+        return "needs --device cuda or TRITON_INTERPRET=1"
     return None
 
 
@@ -186,19 +187,22 @@ def _fused_unavailable() -> str | None:
 REFERENCE = Backend("jax-float64", "float64", True, evaluate_jax)
 
 
-def candidate_backends() -> list[Backend]:
-    """Every backend compared with the reference, in report order (unavailable ones say why)."""
+def candidate_backends(device: str = "cpu") -> list[Backend]:
+    """Every backend compared with the reference, in report order (unavailable ones say why).
+
+    `device`: where the torch backends put their tensors ("cpu", "cuda"); the references stay on the CPU."""
     out = [
         Backend("numpy-float64", "float64", False, evaluate_numpy),
-        Backend("torch-float64", "float64", True, _torch_evaluator("float64", None), _torch_unavailable()),
+        Backend("torch-float64", "float64", True, _torch_evaluator("float64", None, device),
+                _torch_unavailable()),
     ]
     for dtype in ("float32", "bfloat16"):
         out += [
-            Backend(f"torch-naive-{dtype}", dtype, True, _torch_evaluator(dtype, None), _torch_unavailable(),
+            Backend(f"torch-naive-{dtype}", dtype, True, _torch_evaluator(dtype, None, device), _torch_unavailable(),
                     naive=True),
-            Backend(f"torch-fused-{dtype}", dtype, True, _torch_evaluator(dtype, "torch"), _fused_unavailable(),
-                    optimized=True),
-            Backend(f"triton-{dtype}", dtype, True, _torch_evaluator(dtype, "triton"),
-                    _fused_unavailable() or _triton_unavailable(), optimized=True),
+            Backend(f"torch-fused-{dtype}", dtype, True, _torch_evaluator(dtype, "torch", device),
+                    _fused_unavailable(), optimized=True),
+            Backend(f"triton-{dtype}", dtype, True, _torch_evaluator(dtype, "triton", device),
+                    _fused_unavailable() or _triton_unavailable(device), optimized=True),
         ]
     return out

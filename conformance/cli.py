@@ -22,6 +22,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--exhaustive", action="store_true",
                    help="the full product of every config dimension instead of the all-pairs covering subset")
     p.add_argument("--report", metavar="PATH", help="write the JSON report here")
+    p.add_argument("--device", default="cpu", help="where the torch backends run: cpu (default) or cuda")
     p.add_argument("--no-golden", action="store_true", help="skip the golden-vector check")
     p.add_argument("--list", action="store_true", help="list the cases and backends, run nothing")
     p.add_argument("-v", "--verbose", action="store_true", help="print every failing comparison")
@@ -42,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     cases = registry.all_cases(args.algo, exhaustive=args.exhaustive)
     if args.quick:
         cases = registry.quick_cases(cases)
-    backends = [b for b in candidate_backends() if not args.backend or any(n in b.name for n in args.backend)]
+    backends = [b for b in candidate_backends(args.device)
+                if not args.backend or any(name in b.name for name in args.backend)]
     if args.list:
         for case in cases:
             print(case.name)
