@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(report.failures(results, limit=10**6 if args.verbose else 30))
     if args.report:
-        report.write_json(args.report, report.to_json(results, seconds=seconds, extra={"cases": len(cases)}))
+        extra = {"cases": len(cases), "device": args.device}
+        report.write_json(args.report, report.to_json(results, seconds=seconds, extra=extra))
         print(f"report: {args.report}")
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
