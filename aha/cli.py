@@ -81,14 +81,23 @@ def _scalar(text: str) -> Any:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from aha.backends.torch.config import TrainConfig
+    from aha.backends.torch.chat import ChatTemplateError
+    from aha.backends.torch.checkpoint import CheckpointError
+    from aha.backends.torch.config import ConfigError, TrainConfig
+    from aha.backends.torch.data import DatasetError
+    from aha.backends.torch.rewards import RewardFunctionError
     from aha.backends.torch.trainer import Trainer
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     config_path = getattr(args, "config", None)
-    config = (TrainConfig.from_yaml(config_path, overrides) if config_path
-              else TrainConfig.from_dict(overrides, source="command line"))
-    Trainer(config).train()
+    try:
+        config = (TrainConfig.from_yaml(config_path, overrides) if config_path
+                  else TrainConfig.from_dict(overrides, source="command line"))
+        Trainer(config).train()
+    except (ConfigError, DatasetError, RewardFunctionError, CheckpointError, ChatTemplateError) as error:
+        # Bad input is the user's to fix: one clear line, no traceback.
+        print(f"aha train: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
