@@ -19,7 +19,9 @@ PLAIN_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
-"""'System: …\\nUser: …\\nAssistant:' — for base models (newlines as {{ '\\n' }}: see CHATML_TEMPLATE); the completion continues after 'Assistant:'."""
+"""'System: …\\nUser: …\\nAssistant:' for base models; the completion continues right after 'Assistant:'.
+Newlines are written {{ '\\n' }}: transformers renders with trim_blocks=True, which eats a newline
+that follows a block tag."""
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -27,8 +29,7 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-"""ChatML (Qwen, many others). Newlines next to block tags are written as {{ '\\n' }} because
-transformers renders templates with trim_blocks=True, which eats a newline after a block tag. Its markers are plain text unless the tokenizer has them as tokens."""
+"""ChatML (Qwen and many others); its markers are plain text unless the tokenizer has them as tokens."""
 
 BUILTIN_TEMPLATES = {"plain": PLAIN_TEMPLATE, "chatml": CHATML_TEMPLATE}
 TEMPLATE_CHOICES = ("auto", "tokenizer", *BUILTIN_TEMPLATES)

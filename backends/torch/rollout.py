@@ -82,7 +82,8 @@ class RolloutEngine(Protocol):
 
 
 class HFRolloutEngine:
-    """Batched `model.generate` on the training model itself (so `sync_weights` has nothing to do).
+    """Batched `model.generate` on the training model itself: weights are always current, so
+    `sync_weights` only points the engine at the object passed (e.g. the model once peft-wrapped).
 
     Works with a peft-wrapped model and with gradient checkpointing enabled: generation runs in
     eval mode, without gradients, with the KV cache on, and the training mode is restored after.

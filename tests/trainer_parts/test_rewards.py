@@ -1,5 +1,3 @@
-import math
-
 import numpy as np
 import pytest
 
@@ -110,8 +108,6 @@ def test_wrong_length_and_non_numbers_are_errors():
         compute_rewards([lambda_named("short", [1.0, 1.0])], None, ["p"] * 3, ["a"] * 3, rows)
     with pytest.raises(RewardFunctionError, match=r"'texty' returned 'good' for sample 1"):
         compute_rewards([lambda_named("texty", [1.0, "good", 0.0])], None, ["p"] * 3, ["a"] * 3, rows)
-    with pytest.raises(RewardFunctionError, match=r"returned inf for sample 0; rewards must be finite"):
-        compute_rewards([lambda_named("huge", [math.inf, 0.0, 0.0])], None, ["p"] * 3, ["a"] * 3, rows)
     with pytest.raises(ValueError, match="one finite weight per reward function"):
         compute_rewards([exact_answer], [1.0, 2.0], ["p"] * 3, ["a"] * 3, rows)
 

@@ -94,9 +94,10 @@ def test_sampler_logp_equals_output_scores_naive_equivalent_with_truncation_warp
     config = engine._generation_config(sampling)
     with torch.random.fork_rng():
         torch.manual_seed(sampling.seed)
-        out = tiny_model.generate(input_ids=torch.tensor(prompt * 4), attention_mask=torch.ones(4, len(prompt[0]),
-                                  dtype=torch.long), generation_config=config, output_scores=True,
-                                  return_dict_in_generate=True, logits_processor=LogitsProcessorList(_warpers(sampling)))
+        out = tiny_model.generate(
+            input_ids=torch.tensor(prompt * 4), attention_mask=torch.ones(4, len(prompt[0]), dtype=torch.long),
+            generation_config=config, output_scores=True, return_dict_in_generate=True,
+            logits_processor=LogitsProcessorList(_warpers(sampling)))
     tokens = out.sequences[:, len(prompt[0]):]
     naive = torch.stack([torch.log_softmax(s, -1).gather(-1, tokens[:, t:t + 1])[:, 0]
                          for t, s in enumerate(out.scores)], 1)
@@ -117,7 +118,8 @@ def test_left_padding_changes_nothing(tiny_model, tokenizer, prompts):
     assert chunked.completion_ids == batched.completion_ids
 
 
-@pytest.mark.filterwarnings("ignore:.*checkpointing.*:FutureWarning")  # renamed in transformers 5; old name kept for >=4.56
+# transformers 5 renamed gradient_checkpointing_enable; the old name also works on 4.56, the floor.
+@pytest.mark.filterwarnings("ignore:.*checkpointing.*:FutureWarning")
 def test_peft_model_with_gradient_checkpointing(tiny_model, tokenizer, prompts):
     peft = pytest.importorskip("peft")
     greedy = SamplingParams(temperature=0, max_tokens=6)
