@@ -8,8 +8,8 @@ about 30% of the time (task.py explains the design), so that GRPO visibly improv
 
 from .build import DemoRecipe, build_demo_model, build_info
 from .evaluate import evaluate_accuracy
-from .task import demo_dataset, write_jsonl
+from .task import TRAIN_ROWS, demo_dataset, write_jsonl
 from .tokenizer import build_tokenizer
 
-__all__ = ["DemoRecipe", "build_demo_model", "build_info", "build_tokenizer", "demo_dataset",
+__all__ = ["TRAIN_ROWS", "DemoRecipe", "build_demo_model", "build_info", "build_tokenizer", "demo_dataset",
            "evaluate_accuracy", "write_jsonl"]

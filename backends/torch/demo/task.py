@@ -27,6 +27,9 @@ from typing import Literal
 Split = Literal["train", "test"]
 OPERANDS_LOW, OPERANDS_HIGH = 10, 99
 """Two-digit operands."""
+TRAIN_ROWS = 4096
+"""Rows of the demo's RL training set (`demo_dataset("train", TRAIN_ROWS, seed)`), drawn from the
+6,413 training pairs; 16 prompts a step for 256 steps is one epoch."""
 
 
 def is_test_pair(a: int, b: int) -> bool:
