@@ -1,8 +1,18 @@
 """What differs between algorithms in the training loop, behind one small interface.
 
-The trainer knows nothing of GRPO or RLOO: it asks the adapter how many samples each prompt
-gets, which log-probs to score before the update, how rewards become advantages, and what the
-loss of a micro-batch is. Every formula comes from `aha.algos` through `backends/torch/losses.py`.
+The trainer knows nothing of GRPO, RLOO, PPO or Online DPO: it asks the adapter which log-probs to score
+before the update (and at which temperature), what else to read off the sampling policy's hidden states
+(PPO's rollout values), how rewards become what the loss needs, which rows must share a micro-batch
+(Online DPO's pairs), which extra modules train with the policy (PPO's value head), and what the loss of a
+micro-batch is. Every formula comes from `aha.algos` through `backends/torch/losses.py`.
+
+TrainConfig -> algos config, per algorithm (TRL's names where they differ):
+    GRPO        beta, epsilon, epsilon_high, delta, loss_type, scale_rewards, importance_sampling_level
+    RLOO        beta, kl_in, epsilon, epsilon_high
+    PPO         beta -> kl_coef, epsilon -> cliprange, kl_estimator, gamma, lam, vf_coef, cliprange_value,
+                whiten_rewards; num_iterations is TRL's num_ppo_epochs (one mini-batch per epoch)
+    Online DPO  beta, loss_type
+A `None` beta or loss_type takes the algorithm's own default from its `aha.algos` config.
 """
 
 from __future__ import annotations
@@ -10,22 +20,37 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+from torch import nn
 
-from aha.algos import grpo, rloo
-from aha.algos._common import combine_rewards
+from aha.algos import grpo, online_dpo, ppo, rloo
+from aha.algos._common import apply_missing_eos_penalty, combine_rewards, kl_estimate, masked_mean, masked_var
 
 from . import losses
 from .batch import RolloutBatch
 from .config import ConfigError, TrainConfig
+from .value_head import ValueHead
 
 Metrics = dict[str, float]
 
 
 class Algorithm(Protocol):
     needs_old_logp: bool
-    """Score the sampling policy's log-probs before the update (off-policy passes)."""
+    """Score the sampling policy's log-probs before the update (off-policy passes, PPO's KL and ratio)."""
     needs_ref_logp: bool
     """Score the reference policy (adapter disabled) before the update."""
+    temperature: float
+    """Temperature of every log-prob the algorithm scores (the sampling one; Online DPO: 1, spec §3)."""
+    micro_batch_unit: int
+    """Rows that must share a micro-batch, contiguous and in order: shuffling moves blocks of this size."""
+    modules: dict[str, nn.Module]
+    """Extra trainable modules (PPO: {"value_head": ...}): optimized with the policy, saved in checkpoints."""
+
+    def param_groups(self) -> list[dict]:
+        """Optimizer parameter groups of `modules` (with their own learning rate where one is set)."""
+
+    def score(self, hidden: torch.Tensor, batch: RolloutBatch) -> dict[str, torch.Tensor]:
+        """Per-row tensors read off the sampling policy's hidden states [b, T, H] in the old-log-prob pass
+        (no grad), e.g. PPO's rollout values [b, T]; the trainer stores them in batch.extras."""
 
     def prepare(self, batch: RolloutBatch, rewards_per_func: torch.Tensor) -> Metrics:
         """Turn rewards [B, K] into what the loss needs (batch.extras); return metrics."""
@@ -36,32 +61,60 @@ class Algorithm(Protocol):
         """The loss to backpropagate for one micro-batch, already scaled for accumulation."""
 
 
+class _Adapter:
+    """Defaults shared by the four adapters: no extra modules or scores, rows shuffled one by one."""
+
+    micro_batch_unit = 1
+
+    def __init__(self, config: TrainConfig, weights: torch.Tensor) -> None:
+        self.config = config
+        self.weights = weights
+        self.temperature = config.temperature
+        self.modules: dict[str, nn.Module] = {}
+
+    def score(self, hidden: torch.Tensor, batch: RolloutBatch) -> dict[str, torch.Tensor]:
+        return {}
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": list(module.parameters())} for module in self.modules.values()]
+
+    def _rewards(self, batch: RolloutBatch, rewards_per_func: torch.Tensor) -> torch.Tensor:
+        """R_i (NaN = not scorable) minus the missing-EOS penalty (spec/common.md §6, eq. 8): [B] float64."""
+        rewards = combine_rewards(rewards_per_func, self.weights.to(rewards_per_func))
+        return apply_missing_eos_penalty(rewards, ~batch.truncated, self.config.missing_eos_penalty)
+
+
 def _reward_stats(rewards: torch.Tensor, num_generations: int) -> Metrics:
-    grouped = rewards.view(-1, num_generations)
-    scorable = ~torch.isnan(grouped)
-    counts = scorable.sum(1)
-    means = torch.where(scorable, grouped, 0).sum(1) / counts.clamp(min=1)
-    spread = torch.where(scorable, (grouped - means[:, None]).abs(), 0).amax(1)
     valid = rewards[~torch.isnan(rewards)]
-    return {
+    stats = {
         "reward/mean": valid.mean().item() if valid.numel() else float("nan"),
         "reward/std": valid.std().item() if valid.numel() > 1 else 0.0,
         "reward/unscorable": float(torch.isnan(rewards).sum().item()),
-        "frac_reward_zero_std": (spread < 1e-12).float().mean().item(),
     }
+    if num_generations > 1:  # groups whose rewards are all equal (no learning signal for GRPO and RLOO)
+        grouped = rewards.view(-1, num_generations)
+        scorable = ~torch.isnan(grouped)
+        means = torch.where(scorable, grouped, 0).sum(1) / scorable.sum(1).clamp(min=1)
+        spread = torch.where(scorable, (grouped - means[:, None]).abs(), 0).amax(1)
+        stats["frac_reward_zero_std"] = (spread < 1e-12).float().mean().item()
+    return stats
 
 
-class _GroupRelative:
+def _default(value, algo_config_class, field: str):
+    """A TrainConfig value, or the algorithm's own default where it is None."""
+    return getattr(algo_config_class, field) if value is None else value
+
+
+class _GroupRelative(_Adapter):
     """GRPO and RLOO: G samples per prompt, one advantage per sequence, a clipped surrogate."""
 
     algos_module = grpo
 
     def __init__(self, config: TrainConfig, weights: torch.Tensor, algo_config) -> None:
-        self.config = config
-        self.weights = weights
+        super().__init__(config, weights)
         self.algo_config = algo_config
         self.needs_old_logp = config.num_iterations > 1
-        self.needs_ref_logp = config.beta != 0.0
+        self.needs_ref_logp = algo_config.beta != 0.0
         self.global_count = False
 
     def _advantages(self, rewards: torch.Tensor, batch: RolloutBatch) -> torch.Tensor:
@@ -69,7 +122,7 @@ class _GroupRelative:
                                             config=self.algo_config)
 
     def prepare(self, batch: RolloutBatch, rewards_per_func: torch.Tensor) -> Metrics:
-        rewards = combine_rewards(rewards_per_func, self.weights.to(rewards_per_func))
+        rewards = self._rewards(batch, rewards_per_func)
         advantages = self._advantages(rewards, batch)
         batch.extras["advantages"] = advantages.float()
         stats = _reward_stats(rewards, self.config.num_generations)
@@ -85,34 +138,33 @@ class _GroupRelative:
 class GRPOAdapter(_GroupRelative):
     algos_module = grpo
 
-    def __init__(self, config: TrainConfig, weights: torch.Tensor) -> None:
+    def __init__(self, config: TrainConfig, weights: torch.Tensor, *, hidden_size: int, device) -> None:
         algo_config = grpo.GRPOConfig(
-            epsilon=config.epsilon, epsilon_high=config.epsilon_high, delta=config.delta, beta=config.beta,
-            loss_type=config.loss_type, scale_rewards=config.scale_rewards,
+            epsilon=config.epsilon, epsilon_high=config.epsilon_high, delta=config.delta,
+            beta=_default(config.beta, grpo.GRPOConfig, "beta"),
+            loss_type=_default(config.loss_type, grpo.GRPOConfig, "loss_type"), scale_rewards=config.scale_rewards,
             importance_sampling_level=config.importance_sampling_level,
             max_completion_length=config.max_completion_length)
         super().__init__(config, weights, algo_config)
-        self.global_count = config.loss_type in ("dapo", "cispo")
+        self.global_count = algo_config.loss_type in ("dapo", "cispo")
 
     def loss(self, hidden, weight, bias, batch, *, num_items_in_batch, gradient_accumulation_steps):
         loss, metrics = losses.grpo_loss(
             hidden, weight, batch.completion_ids, batch.mask, batch.extras.get("old_logp"),
             batch.extras.get("ref_logp"), batch.extras["advantages"], config=self.algo_config,
-            temperature=self.config.temperature, bias=bias, num_items_in_batch=num_items_in_batch,
-            with_entropy=True)
+            temperature=self.temperature, bias=bias, num_items_in_batch=num_items_in_batch, with_entropy=True)
         return loss * self._scale(gradient_accumulation_steps), metrics
 
 
 class RLOOAdapter(_GroupRelative):
     algos_module = rloo
 
-    def __init__(self, config: TrainConfig, weights: torch.Tensor) -> None:
-        algo_config = rloo.RLOOConfig(beta=config.beta, kl_in=config.kl_in, epsilon=config.epsilon,
-                                      epsilon_high=config.epsilon_high)
+    def __init__(self, config: TrainConfig, weights: torch.Tensor, *, hidden_size: int, device) -> None:
+        algo_config = rloo.RLOOConfig(beta=_default(config.beta, rloo.RLOOConfig, "beta"), kl_in=config.kl_in,
+                                      epsilon=config.epsilon, epsilon_high=config.epsilon_high)
         super().__init__(config, weights, algo_config)
-        self.global_count = False
         # KL folded into the reward needs the sampling policy's log-probs before the advantages.
-        self.needs_old_logp = config.num_iterations > 1 or (config.beta != 0 and config.kl_in == "reward")
+        self.needs_old_logp = config.num_iterations > 1 or (algo_config.beta != 0 and config.kl_in == "reward")
 
     def _advantages(self, rewards: torch.Tensor, batch: RolloutBatch) -> torch.Tensor:
         return rloo.advantages(rewards, num_generations=self.config.num_generations, config=self.algo_config,
@@ -123,8 +175,113 @@ class RLOOAdapter(_GroupRelative):
         loss, metrics = losses.rloo_loss(
             hidden, weight, batch.completion_ids, batch.mask, batch.extras.get("old_logp"),
             batch.extras.get("ref_logp"), batch.extras["advantages"], config=self.algo_config,
-            temperature=self.config.temperature, bias=bias, with_entropy=True)
+            temperature=self.temperature, bias=bias, with_entropy=True)
         return loss * self._scale(gradient_accumulation_steps), metrics
+
+
+class PPOAdapter(_Adapter):
+    """PPO with a value head (spec/ppo.md): per-token rewards with a KL penalty, GAE, whitened advantages,
+    clipped policy and value losses. The rollout values come from the old-log-prob pass, so GAE sees the
+    values of the policy that sampled; the advantages are computed once per rollout in float64."""
+
+    def __init__(self, config: TrainConfig, weights: torch.Tensor, *, hidden_size: int, device) -> None:
+        super().__init__(config, weights)
+        self.algo_config = ppo.PPOConfig(
+            gamma=config.gamma, lam=config.lam, kl_coef=_default(config.beta, ppo.PPOConfig, "kl_coef"),
+            kl_estimator=config.kl_estimator, cliprange=config.epsilon, cliprange_value=config.cliprange_value,
+            vf_coef=config.vf_coef, whiten_rewards=config.whiten_rewards)
+        self.needs_old_logp = True  # the KL penalty in the reward and the ratio both need log π_old
+        self.needs_ref_logp = self.algo_config.kl_coef != 0.0
+        self.value_head = ValueHead(hidden_size, trains_backbone=config.value_head_trains_backbone).to(device)
+        self.modules = {"value_head": self.value_head}
+
+    def param_groups(self) -> list[dict]:
+        config = self.config
+        learning_rate = config.learning_rate if config.value_head_learning_rate is None else config.value_head_learning_rate
+        return [{"params": list(self.value_head.parameters()), "lr": learning_rate}]
+
+    def score(self, hidden, batch):
+        return {"old_values": self.value_head(hidden)}
+
+    def prepare(self, batch: RolloutBatch, rewards_per_func: torch.Tensor) -> Metrics:
+        rewards = self._rewards(batch, rewards_per_func)
+        # spec/ppo.md §2: PPO has no group to leave an unscorable row out of; it gets score 0 and no loss.
+        scorable = ~torch.isnan(rewards)
+        batch.mask = batch.mask * scorable[:, None].to(batch.mask.dtype)
+        mask = batch.mask.double()
+        old_logp = batch.extras["old_logp"].double()
+        ref_logp = batch.extras["ref_logp"].double() if self.needs_ref_logp else old_logp
+        values = batch.extras["old_values"].double()
+        advantages, returns = ppo.advantages(torch.where(scorable, rewards, 0.0), old_logp, ref_logp, values, mask,
+                                             config=self.algo_config)
+        batch.extras["advantages"], batch.extras["returns"] = advantages.float(), returns.float()
+
+        scoring = ppo.value_mask(mask, config=self.algo_config)
+        return_var = masked_var(returns, scoring, ddof=1)
+        residual_var = masked_var(returns - values, scoring, ddof=1)
+        kl = kl_estimate(old_logp, ref_logp, self.algo_config.kl_estimator)
+        stats = _reward_stats(rewards, self.config.num_generations)
+        stats.update({
+            "kl": masked_mean(kl, mask).item(),
+            "advantage/mean": masked_mean(advantages, mask).item(),
+            "advantage/std": masked_var(advantages, mask, ddof=1).sqrt().item(),
+            "advantage/max_abs": advantages.abs().max().item(),
+            "return/mean": masked_mean(returns, scoring).item(),
+            "return/std": return_var.sqrt().item(),
+            # Of the rollout values, before this rollout's updates (cleanrl's explained_variance).
+            "value/explained_variance": (1.0 - residual_var / return_var).item() if return_var > 0 else float("nan"),
+        })
+        return stats
+
+    def loss(self, hidden, weight, bias, batch, *, num_items_in_batch, gradient_accumulation_steps):
+        loss, metrics = losses.ppo_loss(
+            hidden, weight, batch.completion_ids, batch.mask, batch.extras["old_logp"], batch.extras["advantages"],
+            self.value_head(hidden), batch.extras["old_values"], batch.extras["returns"], config=self.algo_config,
+            temperature=self.temperature, bias=bias, with_entropy=True)
+        return loss / gradient_accumulation_steps, metrics
+
+
+class OnlineDPOAdapter(_Adapter):
+    """Online DPO (spec/online_dpo.md): one (chosen, rejected) pair per group of G samples, DPO or IPO loss
+    against the reference policy. Log-probs are scored at temperature 1 (spec §3, as TRL): the implicit reward
+    is defined on the model's own distribution; the sampling temperature only decides which pairs are seen.
+
+    Each row carries its group's pair as offsets into the group, and micro-batches hold whole groups, so the
+    loss rebuilds the pair's row indices inside any micro-batch. Rows that are neither chosen nor rejected
+    (G > 2) get no gradient."""
+
+    def __init__(self, config: TrainConfig, weights: torch.Tensor, *, hidden_size: int, device) -> None:
+        super().__init__(config, weights)
+        self.algo_config = online_dpo.OnlineDPOConfig(
+            beta=_default(config.beta, online_dpo.OnlineDPOConfig, "beta"),
+            loss_type=_default(config.loss_type, online_dpo.OnlineDPOConfig, "loss_type"))
+        self.temperature = 1.0
+        self.micro_batch_unit = config.num_generations
+        self.needs_old_logp = False
+        self.needs_ref_logp = True
+
+    def prepare(self, batch: RolloutBatch, rewards_per_func: torch.Tensor) -> Metrics:
+        group = self.config.num_generations
+        rewards = self._rewards(batch, rewards_per_func)
+        chosen, rejected, valid = online_dpo.select_pairs(rewards, num_generations=group)
+        starts = torch.arange(0, len(batch), group)
+        batch.extras["pair_chosen"] = (chosen - starts).repeat_interleave(group)
+        batch.extras["pair_rejected"] = (rejected - starts).repeat_interleave(group)
+        batch.extras["pair_valid"] = valid.repeat_interleave(group)
+        stats = _reward_stats(rewards, group)
+        margins = (rewards[chosen] - rewards[rejected])[valid]
+        stats["pairs/reward_margin"] = margins.mean().item() if margins.numel() else float("nan")
+        stats["pairs/valid_fraction"] = valid.double().mean().item()
+        return stats
+
+    def loss(self, hidden, weight, bias, batch, *, num_items_in_batch, gradient_accumulation_steps):
+        starts = torch.arange(0, len(batch), self.config.num_generations, device=batch.mask.device)
+        loss, metrics = losses.online_dpo_loss(
+            hidden, weight, batch.completion_ids, batch.mask, batch.extras["ref_logp"],
+            starts + batch.extras["pair_chosen"][starts], starts + batch.extras["pair_rejected"][starts],
+            batch.extras["pair_valid"][starts], config=self.algo_config, temperature=self.temperature, bias=bias,
+            with_entropy=True)
+        return loss / gradient_accumulation_steps, metrics
 
 
 def _float64(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -132,12 +289,18 @@ def _float64(x: torch.Tensor | None) -> torch.Tensor | None:
     return None if x is None else x.double()
 
 
-ALGORITHMS = {"grpo": GRPOAdapter, "rloo": RLOOAdapter}
+ALGORITHMS = {"grpo": GRPOAdapter, "rloo": RLOOAdapter, "ppo": PPOAdapter, "online_dpo": OnlineDPOAdapter}
 
 
-def make_algorithm(config: TrainConfig, num_reward_funcs: int) -> Algorithm:
+def make_algorithm(config: TrainConfig, num_reward_funcs: int, *, hidden_size: int,
+                   device: torch.device | str = "cpu") -> Algorithm:
+    """The adapter of `config.algo`; `hidden_size` and `device` place extra modules (PPO's value head)."""
     if config.algo not in ALGORITHMS:
-        raise ConfigError(f"algo '{config.algo}' is not available in the trainer yet; "
-                          f"choose one of {sorted(ALGORITHMS)}")
+        raise ConfigError(f"algo '{config.algo}' is not available in the trainer; choose one of {sorted(ALGORITHMS)}")
     weights = torch.tensor(config.reward_weights or [1.0] * num_reward_funcs, dtype=torch.float64)
-    return ALGORITHMS[config.algo](config, weights)
+    try:
+        return ALGORITHMS[config.algo](config, weights, hidden_size=hidden_size, device=device)
+    except ConfigError:
+        raise
+    except ValueError as error:  # an aha.algos config rejected a value; name the algorithm
+        raise ConfigError(f"{config.algo}: {error}") from None

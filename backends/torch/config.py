@@ -16,6 +16,10 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 Algo = Literal["grpo", "rloo", "ppo", "online_dpo"]
+LOSS_TYPES: dict[str, tuple[str, ...]] = {
+    "grpo": ("grpo", "bnpo", "dr_grpo", "dapo", "cispo"), "rloo": (), "ppo": (), "online_dpo": ("sigmoid", "ipo")}
+"""The loss_type values each algorithm accepts (None: the algorithm's default)."""
+
 
 
 class ConfigError(ValueError):
@@ -61,17 +65,46 @@ class TrainConfig:
     mask_truncated_completions: bool = False
 
     # --- loss (TRL names; meaning in spec/) -------------------------------------------------------
-    beta: float = 0.0
+    beta: float | None = None
+    """KL coefficient; None takes the algorithm's default: GRPO 0.0, RLOO 0.05, PPO 0.05 (TRL's `kl_coef`,
+    the per-token penalty in the reward), Online DPO 0.1 (DPO's β)."""
     epsilon: float = 0.2
+    """Lower clip range of the ratio (PPO: TRL's `cliprange`)."""
     epsilon_high: float | None = None
     delta: float | None = None
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo"] = "dapo"
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sigmoid", "ipo"] | None = None
+    """GRPO: aggregation (default "dapo"); Online DPO: "sigmoid" (default) or "ipo"; RLOO and PPO have one loss
+    (leave None). None takes the algorithm's default; a value of another algorithm is an error."""
+    missing_eos_penalty: float | None = None
+    """Subtracted from the combined reward of completions without EOS before advantages or pair selection
+    (TRL's Online DPO and PPO field; here for every algorithm; spec/common.md §6). None = off."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     importance_sampling_level: Literal["token", "sequence"] = "token"
     kl_in: Literal["reward", "loss"] = "reward"
     """RLOO only: KL folded into the reward (k1, TRL) or added to the loss (k3) (spec/rloo.md)."""
     num_iterations: int = 1
-    """Optimizer steps per generation batch (μ in the GRPO paper)."""
+    """Optimizer steps per generation batch (μ in the GRPO paper; PPO: TRL's `num_ppo_epochs`, each a pass
+    over the whole generation batch in `gradient_accumulation_steps` micro-batches, TRL's num_mini_batches=1)."""
+
+    # --- PPO (TRL PPOConfig names; spec/ppo.md) ----------------------------------------------------
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """PPO: estimator of the per-token KL penalty in the reward (spec/ppo.md eq. 3)."""
+    gamma: float = 1.0
+    """PPO: discount of GAE."""
+    lam: float = 0.95
+    """PPO: λ of GAE."""
+    vf_coef: float = 0.1
+    """PPO: weight of the value loss."""
+    cliprange_value: float = 0.2
+    """PPO: clip range of the value predictions around the rollout values."""
+    whiten_rewards: bool = False
+    """PPO: scale the token rewards before GAE (spec/ppo.md eq. 4)."""
+    value_head_trains_backbone: bool = False
+    """PPO: let the value loss's gradient into the policy's trainable weights (a shared trunk); False trains
+    the value head alone on detached hidden states (backends/torch/value_head.py)."""
+    value_head_learning_rate: float | None = None
+    """PPO: learning rate of the value head (a zero-initialized linear probe usually wants more than LoRA);
+    None = learning_rate. Same schedule."""
 
     # --- optimisation ---------------------------------------------------------------------------
     learning_rate: float = 1e-5
@@ -120,6 +153,13 @@ class TrainConfig:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         if self.num_generations < 2 and self.algo != "ppo":
             raise ConfigError(f"num_generations must be >= 2 for {self.algo}, got {self.num_generations}")
+        if self.loss_type is not None and self.loss_type not in LOSS_TYPES[self.algo]:
+            choices = f"one of {list(LOSS_TYPES[self.algo])}" if LOSS_TYPES[self.algo] else "no loss_type (None)"
+            raise ConfigError(f"loss_type '{self.loss_type}' is not a {self.algo} loss; {self.algo} takes {choices}")
+        if self.algo == "online_dpo" and self.per_device_train_batch_size % self.num_generations:
+            raise ConfigError(f"per_device_train_batch_size = {self.per_device_train_batch_size} must be a multiple "
+                              f"of num_generations = {self.num_generations} for online_dpo: a pair's group "
+                              "shares a micro-batch")
         if self.generation_batch_size % self.num_generations:
             raise ConfigError(
                 f"per_device_train_batch_size × gradient_accumulation_steps = {self.generation_batch_size} "

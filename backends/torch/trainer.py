@@ -55,12 +55,16 @@ class Trainer:
         self.tokenizer = self.policy.tokenizer
         self.reward_fns = [load_reward_function(spec) for spec in config.reward_funcs]
         self.reward_names = reward_names(self.reward_fns)
-        self.algorithm = make_algorithm(config, len(self.reward_fns))
+        self.algorithm = make_algorithm(config, len(self.reward_fns), hidden_size=self.policy.lm_head_weight.shape[1],
+                                        device=self.policy.device)
         self.engine = _make_engine(config, self.policy, self.tokenizer)
         self.sampling = SamplingParams(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
                                        min_p=config.min_p, max_tokens=config.max_completion_length,
                                        seed=config.seed)
-        self.optimizer = _make_optimizer(config, self.policy.trainable_parameters())
+        # The policy's trainable weights and the adapter's extra modules (PPO's value head) train together.
+        extra_groups = self.algorithm.param_groups()
+        self.trainable = [*self.policy.trainable_parameters(), *(p for group in extra_groups for p in group["params"])]
+        self.optimizer = _make_optimizer(config, [{"params": self.policy.trainable_parameters()}, *extra_groups])
         self.scheduler = _make_scheduler(config, self.optimizer)
         self.logger = MetricsLogger(self.run_dir, logging_steps=config.logging_steps, total_steps=config.max_steps)
         self.step = 0
@@ -172,17 +176,23 @@ class Trainer:
         return metrics
 
     def _logprobs(self, batch: RolloutBatch, *, reference: bool) -> torch.Tensor:
-        out = []
+        """Log-probs [B, T] at the algorithm's temperature; the policy pass also stores what the algorithm
+        reads off the same hidden states (`Algorithm.score`) in batch.extras."""
+        out, scored = [], []
         size = self.config.per_device_train_batch_size
         for start in range(0, len(batch), size):
             part = batch.select(torch.arange(start, min(start + size, len(batch))))
             with self.policy.reference() if reference else nullcontext():
                 hidden = self._hidden(part)
+            if not reference:
+                scored.append({name: value.cpu() for name, value in self.algorithm.score(hidden, part).items()})
             weight, bias = self.policy.lm_head_weight, self.policy.lm_head_bias
             logp = token_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight,
                                   part.completion_ids.reshape(-1).to(hidden.device), bias=bias,
-                                  temperature=self.config.temperature)
+                                  temperature=self.algorithm.temperature)
             out.append(logp.view(part.completion_ids.shape).cpu())
+        for name in scored[0] if scored else ():
+            batch.extras[name] = torch.cat([part[name] for part in scored])
         return torch.cat(out)
 
     def _hidden(self, batch: RolloutBatch) -> torch.Tensor:
@@ -193,7 +203,7 @@ class Trainer:
     def _update(self, batch: RolloutBatch) -> dict[str, float]:
         config = self.config
         accumulation = config.gradient_accumulation_steps
-        order = torch.randperm(len(batch), generator=self.shuffle)
+        order = _shuffle_in_units(len(batch), self.algorithm.micro_batch_unit, self.shuffle)
         micro = len(batch) // accumulation
         num_items = int(batch.mask.sum().item())
         sums: dict[str, float] = {}
@@ -212,7 +222,7 @@ class Trainer:
             sums["loss"] = sums.get("loss", 0.0) + loss.item()
             for name, value in metrics.items():
                 sums[name] = sums.get(name, 0.0) + float(value) / accumulation
-        params = [p for p in self.policy.trainable_parameters() if p.grad is not None]
+        params = [p for p in self.trainable if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         if not torch.isfinite(grad_norm):
             raise NonFiniteLossError(f"non-finite gradient norm at step {self.step + 1}")
@@ -234,6 +244,7 @@ class Trainer:
         state = {"step": self.step, "data": self.dataset.state_dict(),
                  "shuffle_rng": self.shuffle.get_state().tolist(), "config": self.config.to_dict()}
         return ckpt.save_checkpoint(self.run_dir, self.step, policy=self.policy, optimizer=self.optimizer,
+                                    extra_modules=self.algorithm.modules,
                                     scheduler=self.scheduler, trainer_state=state,
                                     save_total_limit=self.config.save_total_limit)
 
@@ -242,7 +253,8 @@ class Trainer:
         found = ckpt.latest_checkpoint(path) if not (path / "trainer_state.json").exists() else path
         if found is None:
             raise FileNotFoundError(f"--resume {where}: no checkpoint-* folder found there")
-        state = ckpt.load_checkpoint(found, policy=self.policy, optimizer=self.optimizer, scheduler=self.scheduler)
+        state = ckpt.load_checkpoint(found, policy=self.policy, optimizer=self.optimizer, scheduler=self.scheduler,
+                                     extra_modules=self.algorithm.modules)
         self.step = state["step"]
         self.dataset.load_state_dict(state["data"])
         self.shuffle.set_state(torch.tensor(state["shuffle_rng"], dtype=torch.uint8))
@@ -280,6 +292,13 @@ def _make_engine(config: TrainConfig, policy, tokenizer):
         from .vllm_rollout import VLLMRolloutEngine
         return VLLMRolloutEngine.from_policy(policy, tokenizer, config)
     return HFRolloutEngine(policy.generation_model, tokenizer)
+
+
+def _shuffle_in_units(rows: int, unit: int, generator: torch.Generator) -> torch.Tensor:
+    """A random order of `rows` rows that keeps blocks of `unit` contiguous rows together and in order
+    (unit 1 is exactly `torch.randperm(rows)`)."""
+    blocks = torch.randperm(rows // unit, generator=generator)
+    return (blocks[:, None] * unit + torch.arange(unit)).flatten()
 
 
 def _make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
