@@ -88,11 +88,14 @@ def _train(args: argparse.Namespace) -> int:
     from aha.backends.torch.rewards import RewardFunctionError
     from aha.backends.torch.trainer import Trainer
 
+    from aha.backends.torch.demo.preset import with_demo_defaults
+
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     config_path = getattr(args, "config", None)
     try:
-        config = (TrainConfig.from_yaml(config_path, overrides) if config_path
-                  else TrainConfig.from_dict(overrides, source="command line"))
+        values = TrainConfig.read_yaml(config_path) if config_path else {}
+        config = TrainConfig.from_dict(with_demo_defaults({**values, **overrides}),
+                                       source=config_path or "command line")
         Trainer(config).train()
     except (ConfigError, DatasetError, RewardFunctionError, CheckpointError, ChatTemplateError) as error:
         # Bad input is the user's to fix: one clear line, no traceback.
