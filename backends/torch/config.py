@@ -21,7 +21,6 @@ LOSS_TYPES: dict[str, tuple[str, ...]] = {
 """The loss_type values each algorithm accepts (None: the algorithm's default)."""
 
 
-
 class ConfigError(ValueError):
     """A configuration key or value is invalid; the message names the key."""
 
@@ -52,11 +51,17 @@ class TrainConfig:
     """Built-in names, `module:function` or `path.py:function` (TRL's signature)."""
     reward_weights: tuple[float, ...] | None = None
     """One weight per reward function; None means all 1.0."""
+    reward_timeout: float | None = None
+    """Seconds one reward function may take for a generation batch; past it the run stops with an
+    error naming the function (None: no limit). The code_execution reward limits each sample itself."""
 
     # --- rollout (TRL GRPOConfig names) ----------------------------------------------------------
     rollout: Literal["hf", "vllm"] = "hf"
     num_generations: int = 8
     max_prompt_length: int = 256
+    truncate_prompts: Literal["left", "error"] = "left"
+    """A prompt longer than max_prompt_length: keep its last tokens and count it (metric
+    truncated_prompts), or stop with an error naming the dataset row."""
     max_completion_length: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
@@ -120,6 +125,8 @@ class TrainConfig:
     max_steps: int = 100
     """Optimizer steps."""
     seed: int = 42
+    max_bad_steps: int = 5
+    """A step with a non-finite loss or gradient is skipped (no weights change); this many in a row stop the run."""
 
     # --- model ----------------------------------------------------------------------------------
     lora_r: int = 16
@@ -145,17 +152,20 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_literals(self)
         positive = ("num_generations", "max_prompt_length", "max_completion_length", "num_iterations",
-                    "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps", "logging_steps")
+                    "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps", "logging_steps",
+                    "max_bad_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.reward_timeout is not None and self.reward_timeout <= 0:
+            raise ConfigError(f"reward_timeout must be > 0 seconds or None, got {self.reward_timeout}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         if self.num_generations < 2 and self.algo != "ppo":
             raise ConfigError(f"num_generations must be >= 2 for {self.algo}, got {self.num_generations}")
         if self.loss_type is not None and self.loss_type not in LOSS_TYPES[self.algo]:
             choices = f"one of {list(LOSS_TYPES[self.algo])}" if LOSS_TYPES[self.algo] else "no loss_type (None)"
-            raise ConfigError(f"loss_type '{self.loss_type}' is not a {self.algo} loss; {self.algo} takes {choices}")
+            raise ConfigError(f"loss_type '{self.loss_type}' does not apply to {self.algo}, which takes {choices}")
         if self.algo == "online_dpo" and self.per_device_train_batch_size % self.num_generations:
             raise ConfigError(f"per_device_train_batch_size = {self.per_device_train_batch_size} must be a multiple "
                               f"of num_generations = {self.num_generations} for online_dpo: a pair's group "
@@ -194,11 +204,15 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-        text = Path(path).read_text()
-        values = yaml.safe_load(text) or {}
+        return cls.from_dict({**cls.read_yaml(path), **(overrides or {})}, source=str(path))
+
+    @staticmethod
+    def read_yaml(path: str | Path) -> dict[str, Any]:
+        """The mapping in a YAML file (safe loader: no Python objects from files)."""
+        values = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
-        return cls.from_dict({**values, **(overrides or {})}, source=str(path))
+        return values
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
