@@ -1,6 +1,7 @@
 """The conformance suite: every algorithm × config variant × shape × edge case, across backends.
 
-`python -m aha.conformance` (or `aha conformance`) runs it; see cli.py. The JAX reference evaluates
+`python -m aha.conformance` (or `aha conformance`) runs it; see cli.py. `check_target` (targets.py) runs the same
+cases against another implementation through an adapter (adapters/). The JAX reference evaluates
 tiny graphs op by op, so XLA compile time dominates its cost. Unless the caller configured them, ask
 XLA for its cheapest compile pipeline (read when JAX's CPU backend starts) and keep compiled primitives
 in a persistent cache (~/.cache/aha/jax, or $XDG_CACHE_HOME/aha/jax), which makes a second run fast.
@@ -26,3 +27,12 @@ if "jax" in sys.modules:  # imported already: configure it directly (effective u
 else:
     for _name, _value in _CACHE_SETTINGS.items():
         os.environ.setdefault(_name.upper(), str(_value))
+
+
+def __getattr__(name):
+    """`aha.conformance.check_target` (targets.py), imported on first use: it loads JAX and the registry."""
+    if name == "check_target":
+        from .targets import check_target
+
+        return check_target
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -205,17 +205,21 @@ def variants(problem: problems.Problem, *, exhaustive: bool = False) -> list[tup
             for choice, (config, options) in combos]
 
 
-def all_cases(algos: list[str] | None = None, *, exhaustive: bool = False) -> list[Case]:
+def all_cases(algos: list[str] | None = None, *, exhaustive: bool = False, every_edge: bool = False) -> list[Case]:
     """The cases of the registry: each algorithm's config variants, each paired with a shape and an edge.
 
     Shapes and edges are dealt to the variants by a seeded balanced permutation, so every edge meets
-    every shape and no variant dimension is tied to an edge by the enumeration order.
+    every shape and no variant dimension is tied to an edge by the enumeration order. `every_edge`: each
+    variant meets every edge instead (shapes in turn), for targets that support few variants (targets.py).
     """
     cases: list[Case] = []
     for algo, problem in problems.PROBLEMS.items():
         if algos and algo not in algos:
             continue
         listed = variants(problem, exhaustive=exhaustive)
+        if every_edge:
+            cases += _every_edge(algo, problem, listed)
+            continue
         # Each variant is dealt to one (shape, edge), or more until the algorithm has MIN_CASES_PER_ALGO.
         listed = listed * -(-MIN_CASES_PER_ALGO // len(listed))
         rng = np.random.default_rng(zlib.crc32(algo.encode()))
@@ -233,6 +237,16 @@ def all_cases(algos: list[str] | None = None, *, exhaustive: bool = False) -> li
                     break
             names.add(case.name)
             cases.append(case)
+    return cases
+
+
+def _every_edge(algo: str, problem: problems.Problem, listed: list) -> list[Case]:
+    edges = [e for e in EDGES if e in problem.edges]
+    cases = []
+    for i, (variant, config, options) in enumerate(listed):
+        for j, edge in enumerate(edges):
+            fits = [s for s in SHAPES if s.B % options.get("num_generations", s.G) == 0]
+            cases.append(Case(algo, variant, config, options, fits[(i + j) % len(fits)], edge))
     return cases
 
 
