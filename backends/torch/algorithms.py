@@ -50,7 +50,8 @@ class Algorithm(Protocol):
 
     def score(self, hidden: torch.Tensor, batch: RolloutBatch) -> dict[str, torch.Tensor]:
         """Per-row tensors read off the sampling policy's hidden states [b, T, H] in the old-log-prob pass
-        (no grad), e.g. PPO's rollout values [b, T]; the trainer stores them in batch.extras."""
+        (no grad; called only when needs_old_logp), e.g. PPO's rollout values [b, T]; the trainer stores them
+        in batch.extras before `prepare`."""
 
     def prepare(self, batch: RolloutBatch, rewards_per_func: torch.Tensor) -> Metrics:
         """Turn rewards [B, K] into what the loss needs (batch.extras); return metrics."""
@@ -196,9 +197,9 @@ class PPOAdapter(_Adapter):
         self.modules = {"value_head": self.value_head}
 
     def param_groups(self) -> list[dict]:
-        config = self.config
-        learning_rate = config.learning_rate if config.value_head_learning_rate is None else config.value_head_learning_rate
-        return [{"params": list(self.value_head.parameters()), "lr": learning_rate}]
+        own = self.config.value_head_learning_rate
+        return [{"params": list(self.value_head.parameters()),
+                 "lr": self.config.learning_rate if own is None else own}]
 
     def score(self, hidden, batch):
         return {"old_values": self.value_head(hidden)}

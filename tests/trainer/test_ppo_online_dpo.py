@@ -156,7 +156,7 @@ def test_online_dpo_pairs_on_ties_and_nan_rewards(base_config):
 
 def test_loss_type_and_pair_layout_are_validated_per_algorithm():
     for algo, loss_type in (("online_dpo", "dapo"), ("grpo", "ipo"), ("ppo", "grpo"), ("rloo", "sigmoid")):
-        with pytest.raises(ConfigError, match=f"not a {algo} loss"):
+        with pytest.raises(ConfigError, match=f"does not apply to {algo}"):
             TrainConfig(algo=algo, loss_type=loss_type, num_generations=2)
     TrainConfig(algo="online_dpo", loss_type="ipo", num_generations=2)
     with pytest.raises(ConfigError, match="multiple of num_generations"):
