@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -134,6 +135,10 @@ def verify_checkpoint(path: str | Path) -> dict:
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{path}: file {name} is missing")
+        size = file.stat().st_size
+        if size != expected["bytes"]:
+            raise CheckpointError(f"{path}: file {name} is truncated or overwritten ({size} bytes, "
+                                  f"{MANIFEST} says {expected['bytes']})")
         if _sha256(file) != expected["sha256"]:
             raise CheckpointError(f"{path}: file {name} is corrupted (sha256 differs from {MANIFEST})")
     return manifest
@@ -160,7 +165,7 @@ def load_checkpoint(path: str | Path, *, policy: Policy, optimizer: torch.optim.
             continue
         if not (path / name).is_file():
             raise CheckpointError(f"{path}: no {name} saved, but one was passed to restore")
-        target.load_state_dict(torch.load(path / name, map_location="cpu", weights_only=True))
+        target.load_state_dict(_load_tensors(path / name))
     if extra_modules:
         from safetensors.torch import load_file
 
@@ -200,6 +205,16 @@ def export_merged(checkpoint_or_run_dir: str | Path, out_dir: str | Path, *, bas
     model.save_pretrained(str(out_dir), safe_serialization=True)
     AutoTokenizer.from_pretrained(str(source)).save_pretrained(str(out_dir))
     return out_dir
+
+
+def _load_tensors(file: Path) -> dict:
+    """torch.load restricted to tensors and plain containers (weights_only=True): a pickle that would
+    build any other object, and so could run code, is refused."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(f"{file}: refused to load: it holds objects other than tensors and plain "
+                              f"containers, which only an unsafe unpickler would build ({error})") from None
 
 
 def _rng_state() -> dict:

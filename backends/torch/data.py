@@ -15,7 +15,9 @@ Iteration is epoch by epoch in an order shuffled from `(seed, epoch)`, so a run 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -128,7 +130,7 @@ def _read_raw_rows(path: Path) -> Iterator[tuple[str, Any]]:
     elif suffix in (".jsonl", ".ndjson"):
         yield from _read_json_lines(path)
     elif suffix == ".json":
-        text = path.read_text(encoding="utf-8")
+        text = _read_text(path)
         if text.lstrip().startswith("["):
             try:
                 records = json.loads(text)
@@ -148,8 +150,13 @@ def _read_raw_rows(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _read_json_lines(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                yield f"line {number}", DatasetError(f"not valid UTF-8 ({error.reason} at byte {error.start})")
+                continue
             if not line.strip():
                 continue
             try:
@@ -158,8 +165,18 @@ def _read_json_lines(path: Path) -> Iterator[tuple[str, Any]]:
                 yield f"line {number}", DatasetError(f"invalid JSON ({error.msg} at column {error.colno})")
 
 
+def _read_text(path: Path) -> str:
+    """The whole file as UTF-8, or a DatasetError naming the line of the first undecodable byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise DatasetError(f"{path}, line {line}: not valid UTF-8 ({error.reason}); save the file as UTF-8") from None
+
+
 def _read_csv(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8", newline="") as file:
+    with io.StringIO(_read_text(path), newline="") as file:
         reader = csv.DictReader(file)
         start = 2  # line 1 is the header; a quoted field may span lines, so track where each record starts
         for record in reader:
@@ -227,5 +244,7 @@ def _validate_answer(answer: Any, field: str) -> str | None:
         return answer
     # Numeric gold answers (GSM8K-style JSON) are compared as text by the reward functions.
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        if not math.isfinite(answer):  # pandas writes NaN for a missing value: not a gold answer
+            raise DatasetError(f"field '{field}' is {answer}; write null for a row without an answer")
         return str(answer)
     raise DatasetError(f"field '{field}' must be a string or a number, got {type(answer).__name__}")

@@ -8,8 +8,12 @@ A reward function is called once per generation batch as
 completion (e.g. `answer=[...]`), plus what the trainer adds (`completion_ids`). For
 conversational prompts (lists of messages) each completion is passed as
 `[{"role": "assistant", "content": text}]`, for string prompts as the text itself, as TRL does.
-None (or NaN) means "cannot score this one": it becomes NaN, and a sample whose rewards are all
-NaN gets advantage 0 (aha.algos._common.combine_rewards).
+None, NaN or ±inf means "cannot score this one": it becomes NaN (the trainer counts them per
+function, metric reward/<name>/unscorable), and a sample whose rewards are all NaN gets advantage 0
+(aha.algos._common.combine_rewards).
+
+Reward functions are user code: `compute_rewards(timeout=...)` stops one that does not return, and
+the built-in `code_execution` runs completions only inside `sandbox.py`'s separate, limited process.
 """
 
 from __future__ import annotations
@@ -19,12 +23,16 @@ import importlib
 import importlib.util
 import math
 import re
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
+from . import sandbox
 
 RewardFn = Callable[..., list[float | None]]
 REWARD_FUNCTIONS: dict[str, RewardFn] = {}
@@ -32,7 +40,16 @@ REWARD_FUNCTIONS: dict[str, RewardFn] = {}
 
 
 class RewardFunctionError(RuntimeError):
-    """A reward function raised, returned the wrong number of rewards, or a non-number."""
+    """A reward function raised, timed out, returned the wrong number of rewards, or a non-number."""
+
+
+@runtime_checkable
+class ReportsMetrics(Protocol):
+    """A reward function that also counts things (e.g. sandbox timeouts); the trainer logs them as
+    reward/<name>/<key> after every call."""
+
+    def pop_metrics(self) -> dict[str, float]:
+        """Counts since the last call, then reset."""
 
 
 def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
@@ -119,6 +136,72 @@ def length_penalty_fn(target_length: int = 256, per_unit: float | None = None) -
 
 REWARD_FUNCTIONS["length_penalty"] = length_penalty_fn()
 
+CODE_FENCE = re.compile(r"```(?:python|py|python3)[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
+
+
+def extract_code(text: str) -> str | None:
+    """The last ```python fenced block; else the content of the last <answer>…</answer> (itself
+    unfenced if it holds a fence); else None."""
+    fenced = CODE_FENCE.findall(text)
+    if fenced:
+        return fenced[-1]
+    tagged = ANSWER_TAG.findall(text)
+    if tagged:
+        inner = CODE_FENCE.findall(tagged[-1])
+        return inner[-1] if inner else tagged[-1]
+    return None
+
+
+class CodeExecutionReward:
+    """The fraction of a row's tests that the completion's Python code passes, run in the sandbox.
+
+    The code is `extract_code(completion)`; the tests come from the row field `tests_field`: assert
+    statements, or stdin/stdout pairs (`sandbox.normalize_tests` lists the layouts). A completion
+    without code scores 0.0; a row without tests is not scorable (None). A timeout or crash scores
+    0.0 and is counted (metrics reward/code_execution/timeouts and .../crashes). Completions run
+    `max_workers` at a time, each in its own process (sandbox.py says what is isolated and what not).
+    """
+
+    def __init__(self, *, tests_field: str = "tests", limits: sandbox.SandboxLimits = sandbox.SandboxLimits(),
+                 python: str | None = None, max_workers: int = 4) -> None:
+        self.tests_field = tests_field
+        self.limits = limits
+        self.python = python
+        self.max_workers = max_workers
+        self.__name__ = "code_execution"
+        self._counts = {"timeouts": 0.0, "crashes": 0.0}
+        self._lock = threading.Lock()
+
+    def __call__(self, prompts: list, completions: list, **fields: Any) -> list[float | None]:
+        if self.tests_field not in fields:
+            raise ValueError(f"code_execution needs a dataset field '{self.tests_field}' with test cases "
+                             f"(fields: {sorted(fields)})")
+        jobs = list(zip(completions, fields[self.tests_field], strict=True))
+        with ThreadPoolExecutor(self.max_workers) as pool:
+            return list(pool.map(lambda job: self._score(*job), jobs))
+
+    def _score(self, completion, tests) -> float | None:
+        if tests is None:
+            return None
+        cases = sandbox.normalize_tests(tests)
+        code = extract_code(completion_text(completion))
+        if code is None:
+            return 0.0
+        run = sandbox.run_tests(code, cases, limits=self.limits, python=self.python)
+        if run.status != "ok":
+            with self._lock:
+                self._counts["timeouts" if run.status == "timeout" else "crashes"] += 1
+            return 0.0
+        return run.passed / run.total
+
+    def pop_metrics(self) -> dict[str, float]:
+        with self._lock:
+            counts, self._counts = self._counts, dict.fromkeys(self._counts, 0.0)
+        return counts
+
+
+REWARD_FUNCTIONS["code_execution"] = CodeExecutionReward()
+
 
 # --- loading and naming ------------------------------------------------------------------------
 
@@ -170,13 +253,15 @@ def reward_names(fns: Sequence[RewardFn]) -> list[str]:
 # --- batch scoring -----------------------------------------------------------------------------
 
 def compute_rewards(reward_fns: Sequence[RewardFn], weights: Sequence[float] | None, prompts: list,
-                    completions: list[str], rows: list[dict[str, Any]], **extra: Any) -> np.ndarray:
+                    completions: list[str], rows: list[dict[str, Any]], *, timeout: float | None = None,
+                    **extra: Any) -> np.ndarray:
     """Per-function rewards, float64 [B, K] (B = len(completions), K = len(reward_fns)); NaN = not scorable.
 
     `rows[i]` is the dataset row of completion i (rows repeat within a group); its fields other
     than "prompt" are passed as keyword lists, `extra` (e.g. completion_ids=...) is passed as is.
     `weights` is only checked here (one finite weight per function); the weighted sum is
     aha.algos._common.combine_rewards, so it is the same code in every backend.
+    `timeout` (seconds, None = none) bounds each function's call on the whole batch.
     """
     batch = len(completions)
     if len(prompts) != batch or len(rows) != batch:
@@ -189,16 +274,21 @@ def compute_rewards(reward_fns: Sequence[RewardFn], weights: Sequence[float] | N
     columns = {key: [row.get(key) for row in rows] for key in sorted(fields)} | extra
     rewards = np.empty((batch, len(reward_fns)), dtype=np.float64)
     for k, (fn, name) in enumerate(zip(reward_fns, reward_names(reward_fns))):
-        rewards[:, k] = _call_reward(fn, name, prompts, passed, columns, batch)
+        rewards[:, k] = _call_reward(fn, name, prompts, passed, columns, batch, timeout)
     return rewards
 
 
 def _call_reward(fn: RewardFn, name: str, prompts: list, completions: list,
-                 columns: dict[str, list], batch: int) -> np.ndarray:
+                 columns: dict[str, list], batch: int, timeout: float | None) -> np.ndarray:
     try:
-        values = list(fn(prompts=prompts, completions=completions, **columns))
+        values = list(_call_with_timeout(fn, timeout, prompts=prompts, completions=completions, **columns))
+    except _Timeout:
+        raise RewardFunctionError(
+            f"reward function '{name}' did not return within reward_timeout={timeout:g} s for a batch of {batch} "
+            "completions; make it faster or raise reward_timeout (the call cannot be interrupted and is left "
+            "running in a background thread)") from None
     except Exception as error:
-        index = _first_failing_sample(fn, prompts, completions, columns)
+        index = _first_failing_sample(fn, prompts, completions, columns, timeout)
         where = f"on sample {index}" if index is not None else "on the batch (no single sample fails alone)"
         raise RewardFunctionError(f"reward function '{name}' raised {type(error).__name__} {where}: {error}") \
             from error
@@ -215,18 +305,45 @@ def _call_reward(fn: RewardFn, name: str, prompts: list, completions: list,
         except (TypeError, ValueError) as error:
             raise RewardFunctionError(f"reward function '{name}' returned {value!r} for sample {i}; "
                                       "expected a number or None") from error
-        if math.isinf(out[i]):
-            raise RewardFunctionError(f"reward function '{name}' returned {value!r} for sample {i}; "
-                                      "rewards must be finite (None or NaN mark 'not scorable')")
+        if math.isinf(out[i]):  # not scorable, like NaN; the trainer counts it
+            out[i] = np.nan
     return out
 
 
-def _first_failing_sample(fn: RewardFn, prompts: list, completions: list, columns: dict[str, list]) -> int | None:
-    """Error path only: call `fn` one sample at a time to name the sample that makes it raise."""
+class _Timeout(Exception):
+    pass
+
+
+def _call_with_timeout(fn: RewardFn, timeout: float | None, **kwargs: Any) -> Any:
+    """fn(**kwargs), or _Timeout after `timeout` seconds. A Python thread cannot be stopped, so a call
+    that hangs is left running in a daemon thread (it does not keep the process alive)."""
+    if timeout is None:
+        return fn(**kwargs)
+    outcome: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            outcome["value"] = fn(**kwargs)
+        except BaseException as error:  # handed to the caller's thread
+            outcome["error"] = error
+
+    worker = threading.Thread(target=call, name="aha-reward", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise _Timeout
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _first_failing_sample(fn: RewardFn, prompts: list, completions: list, columns: dict[str, list],
+                          timeout: float | None) -> int | None:
+    """Error path only: call `fn` one sample at a time to name the sample that makes it raise (or hang)."""
     for i in range(len(completions)):
         single = {key: values[i:i + 1] if isinstance(values, list) else values for key, values in columns.items()}
         try:
-            fn(prompts=prompts[i:i + 1], completions=completions[i:i + 1], **single)
+            _call_with_timeout(fn, timeout, prompts=prompts[i:i + 1], completions=completions[i:i + 1], **single)
         except Exception:
             return i
     return None

@@ -7,16 +7,23 @@ One optimizer step (TRL's semantics, spec/common.md "Batching"):
           hidden states -> fused log-probs -> aha.algos loss -> backward; clip; optimizer step.
 The model is never asked for logits: log-probs come from the decoder's last hidden states and
 the LM-head weight through the fused chunked operation (backends/torch/logprobs.py).
+
+Faults (docs/failure_behaviour.md lists each with its test): a non-finite loss or gradient skips the
+optimizer step and `max_bad_steps` in a row stop the run; out of memory retries the phase with half
+as many sequences per pass; SIGINT/SIGTERM finish the step, save and return.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import random
 import signal
+import threading
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -28,16 +35,17 @@ from .algorithms import make_algorithm
 from .batch import RolloutBatch, collate_rollout
 from .chat import render_prompt
 from .config import TrainConfig
-from .data import PromptDataset, load_prompt_dataset
+from .data import DatasetError, PromptDataset, load_prompt_dataset
 from .logprobs import token_logprobs
 from .models import load_policy
-from .rewards import compute_rewards, load_reward_function, reward_names
+from .rewards import ReportsMetrics, compute_rewards, load_reward_function, reward_names
 from .rollout import HFRolloutEngine, SamplingParams
 from .tracking import MetricsLogger, StepTimer, peak_memory_gib, plot_run
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a non-finite loss or gradient; the message names the step and micro-batch."""
+    """`max_bad_steps` optimizer steps in a row had a non-finite loss or gradient; the message names
+    the last step and micro-batch."""
 
 
 class Trainer:
@@ -47,6 +55,10 @@ class Trainer:
         self.run_dir = Path(config.output_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         model_path, self.dataset, self.eval_rows = _resolve_task(config)
+        if self.dataset.skipped_rows:
+            label, reason = self.dataset.skipped_rows[0]
+            warnings.warn(f"{self.dataset.source}: skipped {len(self.dataset.skipped_rows)} malformed rows "
+                          f"(skip_bad_rows); the first, {label}: {reason}", RuntimeWarning, stacklevel=2)
         self.policy = load_policy(model_path, dtype=config.dtype, lora_r=config.lora_r,
                                   lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                                   lora_target_modules=_targets(config.lora_target_modules),
@@ -71,6 +83,10 @@ class Trainer:
         self.batch: RolloutBatch | None = None
         self.shuffle = torch.Generator().manual_seed(config.seed)
         self._stop_requested = False
+        self.skipped_steps = 0
+        """Optimizer steps skipped for a non-finite loss or gradient, over the whole run (metric skipped_steps)."""
+        self._bad_in_a_row = 0
+        self._oom_retries = 0
         if config.resume:
             self._resume(config.resume)
 
@@ -79,7 +95,9 @@ class Trainer:
         config = self.config
         (self.run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
         before = self.evaluate() if self.eval_rows and self.step == 0 else None
-        previous = signal.signal(signal.SIGINT, self._request_stop)
+        # Signal handlers can only be installed from the main thread; elsewhere the caller handles signals.
+        handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+        previous = {signum: signal.signal(signum, self._request_stop) for signum in handled}
         try:
             while self.step < config.max_steps and not self._stop_requested:
                 metrics = self.train_step()
@@ -87,13 +105,17 @@ class Trainer:
                 self.logger.log(self.step, metrics)
                 if config.save_steps and self.step % config.save_steps == 0:
                     self.save()
+            self.save()  # still under the handlers: a signal now only asks for what is already happening
         finally:
-            signal.signal(signal.SIGINT, previous)
-        self.save()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         self.logger.close()
         plot = plot_run(self.run_dir)
         summary = {"steps": self.step, "plot": str(plot)}
-        if self.eval_rows:
+        if self.step < config.max_steps:  # stopped by a signal: the checkpoint matters, not the evaluation
+            summary["stopped_early"] = True
+            print(f"stopped at step {self.step} of {config.max_steps}; continue with --resume {self.run_dir}")
+        elif self.eval_rows:
             after = self.evaluate()
             summary.update({"accuracy_after": after})
             if before is not None:
@@ -109,6 +131,7 @@ class Trainer:
         config = self.config
         timer = StepTimer()
         metrics: dict[str, float] = {}
+        self._oom_retries = 0
         if self.batch is None or self.step % config.num_iterations == 0:
             with timer("rollout"):
                 self.batch, rollout_metrics = self._rollout()
@@ -122,6 +145,8 @@ class Trainer:
         metrics.update(timer.metrics())
         metrics["learning_rate"] = self.scheduler.get_last_lr()[0]
         metrics["peak_memory_gib"] = peak_memory_gib()
+        metrics["oom_retries"] = float(self._oom_retries)
+        metrics["skipped_steps"] = float(self.skipped_steps)
         rollout_time, update_time = timer.seconds("rollout"), timer.seconds("update")
         tokens = float(self.batch.mask.sum().item())
         if rollout_time:
@@ -135,20 +160,25 @@ class Trainer:
         rows = self.dataset.next_batch(config.prompts_per_step)
         texts = [render_prompt(self.tokenizer, row["prompt"], system_prompt=config.system_prompt,
                                chat_template=config.chat_template) for row in rows]
-        prompt_ids = [self._encode_prompt(text) for text in texts]
+        prompt_ids, truncated_prompts = self._encode_prompts(texts, rows)
         # A seed per step: different samples every step, the same ones after a resume.
         sampling = dataclasses.replace(self.sampling, seed=config.seed * 1_000_003 + self.step)
-        rollout = self.engine.generate(prompt_ids, config.num_generations, sampling)
+        rollout = self._generate(prompt_ids, sampling)
         batch = collate_rollout(rollout.prompt_ids, rollout.completion_ids, rollout.is_truncated,
                                 pad_token_id=self.tokenizer.pad_token_id,
                                 mask_truncated_completions=config.mask_truncated_completions)
         expanded_rows = [row for row in rows for _ in range(config.num_generations)]
         prompts = [text for text in texts for _ in range(config.num_generations)]
         rewards = compute_rewards(self.reward_fns, config.reward_weights, prompts, rollout.texts, expanded_rows,
-                                  completion_ids=rollout.completion_ids)
+                                  timeout=config.reward_timeout, completion_ids=rollout.completion_ids)
         rewards_t = torch.as_tensor(rewards, dtype=torch.float64)
         metrics = {f"reward/{name}": float(np.nanmean(rewards[:, k])) if np.isfinite(rewards[:, k]).any()
                    else float("nan") for k, name in enumerate(self.reward_names)}
+        for k, (fn, name) in enumerate(zip(self.reward_fns, self.reward_names)):
+            metrics[f"reward/{name}/unscorable"] = float(np.isnan(rewards[:, k]).sum())  # None, NaN or ±inf
+            if isinstance(fn, ReportsMetrics):
+                metrics.update({f"reward/{name}/{key}": value for key, value in fn.pop_metrics().items()})
+        metrics["truncated_prompts"] = float(truncated_prompts)
         lengths = batch.completion_lengths.float()
         metrics.update({"completion_length/mean": lengths.mean().item(),
                         "completion_length/min": lengths.min().item(),
@@ -159,27 +189,54 @@ class Trainer:
             self.logger.log_samples(self.step, prompts, rollout.texts, rewards_t.nansum(1).tolist())
         return batch, metrics
 
-    def _encode_prompt(self, text: str) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) > self.config.max_prompt_length:
-            ids = ids[-self.config.max_prompt_length:]  # keep the end, where the question is (TRL)
-        return ids
+    def _encode_prompts(self, texts: list[str], rows: list[dict]) -> tuple[list[list[int]], int]:
+        """Token ids of each rendered prompt, and how many were longer than max_prompt_length: cut from
+        the left, keeping the end where the question is (TRL), or an error naming the row."""
+        limit = self.config.max_prompt_length
+        encoded = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+        too_long = [i for i, ids in enumerate(encoded) if len(ids) > limit]
+        if too_long and self.config.truncate_prompts == "error":
+            i = too_long[0]
+            index = next(n for n, row in enumerate(self.dataset.rows) if row is rows[i])
+            raise DatasetError(f"{self.dataset.source}, row index {index} (prompt {texts[i][:60]!r}...): "
+                               f"{len(encoded[i])} tokens after the chat template, more than max_prompt_length="
+                               f"{limit}; raise max_prompt_length, shorten or drop the row, or set "
+                               "truncate_prompts='left' to keep its last tokens")
+        return [ids[-limit:] for ids in encoded], len(too_long)
+
+    def _generate(self, prompt_ids: list[list[int]], sampling: SamplingParams):
+        """The rollout; out of memory makes the hf engine retry with half as many sequences per
+        `generate` call (kept for the rest of the run)."""
+        n = self.config.num_generations
+        if not isinstance(self.engine, HFRolloutEngine):
+            return self.engine.generate(prompt_ids, n, sampling)
+
+        def attempt(size: int):
+            self.engine.max_batch_size = size
+            return self.engine.generate(prompt_ids, n, sampling)
+
+        return self._halving_on_oom("rollout", self.engine.max_batch_size or len(prompt_ids) * n, attempt,
+                                    unit="sequences per generate call")
 
     @torch.no_grad()
     def _score(self, batch: RolloutBatch) -> dict[str, float]:
         """Log-probs of the sampling policy (when updates go off-policy) and of the reference."""
         metrics: dict[str, float] = {}
+        size = self.config.per_device_train_batch_size
         if self.algorithm.needs_old_logp:
-            batch.extras["old_logp"] = self._logprobs(batch, reference=False)
+            batch.extras["old_logp"] = self._halving_on_oom(
+                "scoring", size, lambda rows: self._logprobs(batch, reference=False, size=rows),
+                unit="completions per pass")
         if self.algorithm.needs_ref_logp:
-            batch.extras["ref_logp"] = self._logprobs(batch, reference=True)
+            batch.extras["ref_logp"] = self._halving_on_oom(
+                "scoring", size, lambda rows: self._logprobs(batch, reference=True, size=rows),
+                unit="completions per pass")
         return metrics
 
-    def _logprobs(self, batch: RolloutBatch, *, reference: bool) -> torch.Tensor:
+    def _logprobs(self, batch: RolloutBatch, *, reference: bool, size: int) -> torch.Tensor:
         """Log-probs [B, T] at the algorithm's temperature; the policy pass also stores what the algorithm
         reads off the same hidden states (`Algorithm.score`) in batch.extras."""
         out, scored = [], []
-        size = self.config.per_device_train_batch_size
         for start in range(0, len(batch), size):
             part = batch.select(torch.arange(start, min(start + size, len(batch))))
             with self.policy.reference() if reference else nullcontext():
@@ -201,9 +258,48 @@ class Trainer:
                                          batch.completion_width, position_ids=batch.position_ids.to(device))
 
     def _update(self, batch: RolloutBatch) -> dict[str, float]:
+        """One optimizer step on `batch`, recovering from two faults:
+
+        Out of memory: the step starts over (gradients zeroed, dropout's random numbers replayed) with
+        the decoder run on half as many rows per pass, then a quarter, ... (`_backward_micro_batch`:
+        the loss still sees each micro-batch whole, so the step is the same up to float rounding).
+        Non-finite loss or gradient: the step is skipped (the remaining micro-batches are not run,
+        gradients are zeroed, no optimizer step: no weight or optimizer moment changes) and counted;
+        `max_bad_steps` in a row stop the run. A skipped step still counts as a step: its rollout is
+        spent, and `self.step` and the learning-rate schedule advance, so the schedule stays a
+        function of the step number (as after a resume).
+        """
         config = self.config
-        accumulation = config.gradient_accumulation_steps
         order = _shuffle_in_units(len(batch), self.algorithm.micro_batch_unit, self.shuffle)
+        random_state = _rng_states()
+
+        def attempt(rows_per_pass: int) -> tuple[dict[str, float], str | None]:
+            _set_rng_states(random_state)
+            return self._accumulate(batch, order, rows_per_pass)
+
+        sums, fault = self._halving_on_oom("update", len(batch) // config.gradient_accumulation_steps, attempt,
+                                           unit="completions per decoder pass")
+        if fault is None:
+            params = [p for p in self.trainable if p.grad is not None]
+            sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm).item()
+            if not math.isfinite(sums["grad_norm"]):
+                fault = "a gradient norm that overflowed"
+        if fault is None:
+            self.optimizer.step()
+            self._bad_in_a_row = 0
+        else:
+            sums = {"loss": sums["loss"], "grad_norm": float("nan")}
+            self._skip_step(fault)
+        with warnings.catch_warnings():  # a skipped first step calls the scheduler before any optimizer step
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+            self.scheduler.step()
+        return sums
+
+    def _accumulate(self, batch: RolloutBatch, order: torch.Tensor,
+                    rows_per_pass: int) -> tuple[dict[str, float], str | None]:
+        """Gradients of every micro-batch summed into .grad; the summed metrics, and where a loss or
+        gradient first turned non-finite (None if none did; the micro-batches after it are not run)."""
+        accumulation = self.config.gradient_accumulation_steps
         micro = len(batch) // accumulation
         num_items = int(batch.mask.sum().item())
         sums: dict[str, float] = {}
@@ -211,25 +307,89 @@ class Trainer:
         self.policy.model.train()
         for index in range(accumulation):
             part = batch.select(order[index * micro:(index + 1) * micro]).to(self.policy.device)
-            hidden = self._hidden(part)
-            loss, metrics = self.algorithm.loss(hidden, self.policy.lm_head_weight, self.policy.lm_head_bias,
-                                                part, num_items_in_batch=num_items,
-                                                gradient_accumulation_steps=accumulation)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"non-finite loss {loss.item()} at step {self.step + 1}, "
-                                         f"micro-batch {index + 1}/{accumulation}")
-            loss.backward()
+            loss, metrics = self._backward_micro_batch(part, rows_per_pass, num_items_in_batch=num_items,
+                                                       gradient_accumulation_steps=accumulation)
             sums["loss"] = sums.get("loss", 0.0) + loss.item()
             for name, value in metrics.items():
                 sums[name] = sums.get(name, 0.0) + float(value) / accumulation
-        params = [p for p in self.trainable if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        if not torch.isfinite(grad_norm):
-            raise NonFiniteLossError(f"non-finite gradient norm at step {self.step + 1}")
-        self.optimizer.step()
-        self.scheduler.step()
-        sums["grad_norm"] = grad_norm.item()
-        return sums
+            where = f"micro-batch {index + 1}/{accumulation}"
+            if not math.isfinite(sums["loss"]):
+                return sums, f"a non-finite loss ({loss.item()}) in {where}"
+            if not _gradients_finite(self.trainable):
+                return sums, f"a non-finite gradient in {where}"
+        return sums, None
+
+    def _backward_micro_batch(self, part: RolloutBatch, rows_per_pass: int,
+                              **loss_kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss and metrics of one micro-batch, back-propagated into .grad unless the loss is non-finite.
+
+        With fewer rows per pass than the micro-batch has (after running out of memory), the decoder
+        runs on slices of rows: first without autograd, to give the loss the whole micro-batch's hidden
+        states (a leaf), then slice by slice with autograd, each slice back-propagating its rows of
+        d loss / d hidden. The loss is the same function of the same hidden states, so the gradient
+        equals the one-pass gradient up to float rounding for every algorithm (no per-loss rescaling
+        of the pieces), for one more decoder forward. Dropout draws are replayed per slice.
+        """
+        weight, bias = self.policy.lm_head_weight, self.policy.lm_head_bias
+        if rows_per_pass >= len(part):
+            loss, metrics = self.algorithm.loss(self._hidden(part), weight, bias, part, **loss_kwargs)
+            if torch.isfinite(loss):
+                loss.backward()
+            return loss, metrics
+        slices = [(start, min(start + rows_per_pass, len(part))) for start in range(0, len(part), rows_per_pass)]
+        states, pieces = [], []
+        with torch.no_grad():
+            for start, stop in slices:
+                states.append(_rng_states())
+                pieces.append(self._hidden(part.select(torch.arange(start, stop))))
+        hidden = torch.cat(pieces).requires_grad_()
+        del pieces
+        loss, metrics = self.algorithm.loss(hidden, weight, bias, part, **loss_kwargs)
+        if not torch.isfinite(loss):
+            return loss, metrics
+        loss.backward()
+        for (start, stop), state in zip(slices, states):
+            _set_rng_states(state)
+            self._hidden(part.select(torch.arange(start, stop))).backward(hidden.grad[start:stop])
+        return loss, metrics
+
+    def _skip_step(self, fault: str) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        self._bad_in_a_row += 1
+        step, limit = self.step + 1, self.config.max_bad_steps
+        message = (f"step {step}: {fault}; optimizer step skipped (no weights changed), "
+                   f"{self._bad_in_a_row} in a row (max_bad_steps={limit})")
+        if self._bad_in_a_row >= limit:
+            raise NonFiniteLossError(
+                f"{message}: stopping. The weights are unchanged since step {step - self._bad_in_a_row}; "
+                f"checkpoints are in {self.run_dir}. Lower learning_rate or max_grad_norm, check the reward "
+                "functions and the data, train in float32 or bfloat16 rather than float16, or raise max_bad_steps")
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def _halving_on_oom(self, phase: str, size: int, attempt, *, unit: str):
+        """attempt(size); after an out-of-memory error, free what it held and attempt(size // 2), down to
+        1, then fail with advice. Each retry is counted (metric oom_retries) and announced."""
+        while True:
+            try:
+                return attempt(size)
+            except torch.OutOfMemoryError as error:
+                reason = (str(error).splitlines() or ["out of memory"])[0]
+            # Outside the except block, so the traceback and the tensors its frames held are released.
+            self.optimizer.zero_grad(set_to_none=True)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if size <= 1:
+                raise torch.OutOfMemoryError(
+                    f"out of memory in the {phase} at step {self.step + 1} even with 1 {unit} ({reason}). "
+                    "Run `aha plan` to see what fits this GPU, then lower per_device_train_batch_size, "
+                    "max_prompt_length or max_completion_length, or use LoRA (lora_r > 0), load_in_4bit and "
+                    "gradient_checkpointing")
+            size //= 2
+            self._oom_retries += 1
+            warnings.warn(f"step {self.step + 1}: out of memory in the {phase} ({reason}); retrying with {size} "
+                          f"{unit}", RuntimeWarning, stacklevel=3)
 
     # --- evaluation, checkpoints ------------------------------------------------------------------
     def evaluate(self) -> float:
@@ -242,7 +402,8 @@ class Trainer:
 
     def save(self) -> Path:
         state = {"step": self.step, "data": self.dataset.state_dict(),
-                 "shuffle_rng": self.shuffle.get_state().tolist(), "config": self.config.to_dict()}
+                 "shuffle_rng": self.shuffle.get_state().tolist(), "config": self.config.to_dict(),
+                 "skipped_steps": self.skipped_steps}
         return ckpt.save_checkpoint(self.run_dir, self.step, policy=self.policy, optimizer=self.optimizer,
                                     extra_modules=self.algorithm.modules,
                                     scheduler=self.scheduler, trainer_state=state,
@@ -253,16 +414,26 @@ class Trainer:
         found = ckpt.latest_checkpoint(path) if not (path / "trainer_state.json").exists() else path
         if found is None:
             raise FileNotFoundError(f"--resume {where}: no checkpoint-* folder found there")
-        state = ckpt.load_checkpoint(found, policy=self.policy, optimizer=self.optimizer, scheduler=self.scheduler,
-                                     extra_modules=self.algorithm.modules)
+        try:
+            state = ckpt.load_checkpoint(found, policy=self.policy, optimizer=self.optimizer,
+                                         scheduler=self.scheduler, extra_modules=self.algorithm.modules)
+        except ckpt.CheckpointError as error:
+            step = int(found.name.rpartition("-")[2])
+            earlier = [p for p in ckpt.list_checkpoints(found.parent) if int(p.name.rpartition("-")[2]) < step]
+            hint = f"; resume from the one before instead: --resume {earlier[-1]}" if earlier else ""
+            raise ckpt.CheckpointError(f"{error}{hint}") from None
         self.step = state["step"]
+        self.skipped_steps = state["skipped_steps"]
         self.dataset.load_state_dict(state["data"])
         self.shuffle.set_state(torch.tensor(state["shuffle_rng"], dtype=torch.uint8))
 
     def _request_stop(self, signum, frame) -> None:
-        print("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to abort)")
+        """SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption): finish this step, save, return.
+        The same signal again acts at once, as it would by default."""
+        name = signal.Signals(signum).name
+        print(f"\n{name}: saving a checkpoint after this step ({name} again to abort)", flush=True)
         self._stop_requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
 
 
 def _resolve_task(config: TrainConfig):
@@ -323,6 +494,22 @@ def _make_scheduler(config: TrainConfig, optimizer) -> torch.optim.lr_scheduler.
         return 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _gradients_finite(params: list[torch.Tensor]) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    return not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all())
+
+
+def _rng_states() -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """torch's CPU and CUDA generator states (what dropout draws from)."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+
+
+def _set_rng_states(states: tuple[torch.Tensor, list[torch.Tensor]]) -> None:
+    torch.set_rng_state(states[0])
+    if states[1]:
+        torch.cuda.set_rng_state_all(states[1])
 
 
 def _targets(modules: tuple[str, ...]) -> str | list[str]:
