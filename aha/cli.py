@@ -81,12 +81,14 @@ def _scalar(text: str) -> Any:
 
 
 def _train(args: argparse.Namespace) -> int:
+    import torch
+
     from aha.backends.torch.chat import ChatTemplateError
     from aha.backends.torch.checkpoint import CheckpointError
     from aha.backends.torch.config import ConfigError, TrainConfig
     from aha.backends.torch.data import DatasetError
     from aha.backends.torch.rewards import RewardFunctionError
-    from aha.backends.torch.trainer import Trainer
+    from aha.backends.torch.trainer import NonFiniteLossError, Trainer
 
     from aha.backends.torch.demo.preset import with_demo_defaults
 
@@ -97,8 +99,9 @@ def _train(args: argparse.Namespace) -> int:
         config = TrainConfig.from_dict(with_demo_defaults({**values, **overrides}),
                                        source=config_path or "command line")
         Trainer(config).train()
-    except (ConfigError, DatasetError, RewardFunctionError, CheckpointError, ChatTemplateError) as error:
-        # Bad input is the user's to fix: one clear line, no traceback.
+    except (ConfigError, DatasetError, RewardFunctionError, CheckpointError, ChatTemplateError,
+            NonFiniteLossError, torch.OutOfMemoryError, FileNotFoundError) as error:
+        # Bad input and faults the run cannot get past: one clear message, no traceback.
         print(f"aha train: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -165,10 +165,11 @@ class Trainer:
         sampling = dataclasses.replace(self.sampling, seed=config.seed * 1_000_003 + self.step)
         rollout = self._generate(prompt_ids, sampling)
         batch = collate_rollout(rollout.prompt_ids, rollout.completion_ids, rollout.is_truncated,
-                                pad_token_id=self.tokenizer.pad_token_id,
+                                pad_token_id=self.engine.pad_token_id,
                                 mask_truncated_completions=config.mask_truncated_completions)
         expanded_rows = [row for row in rows for _ in range(config.num_generations)]
-        prompts = [text for text in texts for _ in range(config.num_generations)]
+        # Reward functions get the dataset's prompt as is (text or chat messages), as in TRL.
+        prompts = [row["prompt"] for row in expanded_rows]
         rewards = compute_rewards(self.reward_fns, config.reward_weights, prompts, rollout.texts, expanded_rows,
                                   timeout=config.reward_timeout, completion_ids=rollout.completion_ids)
         rewards_t = torch.as_tensor(rewards, dtype=torch.float64)
@@ -186,7 +187,8 @@ class Trainer:
                         "frac_truncated": batch.truncated.float().mean().item()})
         batch.extras["rewards_per_func"] = rewards_t
         if config.log_completions_steps and self.step % config.log_completions_steps == 0:
-            self.logger.log_samples(self.step, prompts, rollout.texts, rewards_t.nansum(1).tolist())
+            rendered = [text for text in texts for _ in range(config.num_generations)]
+            self.logger.log_samples(self.step, rendered, rollout.texts, rewards_t.nansum(1).tolist())
         return batch, metrics
 
     def _encode_prompts(self, texts: list[str], rows: list[dict]) -> tuple[list[list[int]], int]:
