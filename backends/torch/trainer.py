@@ -385,8 +385,7 @@ class Trainer:
             if size <= 1:
                 raise torch.OutOfMemoryError(
                     f"out of memory in the {phase} at step {self.step + 1} even with 1 {unit} ({reason}). "
-                    "Run `aha plan` to see what fits this GPU, then lower per_device_train_batch_size, "
-                    "max_prompt_length or max_completion_length, or use LoRA (lora_r > 0), load_in_4bit and "
+                    "Lower per_device_train_batch_size, max_prompt_length or max_completion_length, or use LoRA (lora_r > 0), load_in_4bit and "
                     "gradient_checkpointing")
             size //= 2
             self._oom_retries += 1

@@ -79,7 +79,7 @@ def test_oom_at_one_completion_per_pass_fails_with_advice(base_config):
     out_of_memory_in_update(trainer, at_call=None)
     with pytest.warns(RuntimeWarning, match="retrying with 1 completions per decoder pass"), \
             pytest.raises(torch.OutOfMemoryError, match=r"out of memory in the update at step 1 even with 1 "
-                                                        r"completions per decoder pass .*Run `aha plan`.*lower "
+                                                        r"completions per decoder pass .*Lower "
                                                         r"per_device_train_batch_size"):
         trainer.train()
     assert trainer._oom_retries == 2  # 4 -> 2 -> 1 rows per pass, then no lower
