@@ -2,50 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
-import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from aha.backends.torch.demo.task import demo_dataset
-from aha.backends.torch.demo.tokenizer import build_tokenizer
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on a loaded 2-core machine spin for seconds with several threads."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def save_tiny_model(folder, *, pad_token: bool = True):
-    tokenizer = build_tokenizer()
-    if not pad_token:
-        tokenizer.pad_token = None
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        Qwen2ForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"))
-
-
-@pytest.fixture(scope="session")
-def prompt_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in demo_dataset("train", 32, seed=1)))
-    return path
+from tests.trainer.conftest import one_thread, prompt_file, save_tiny_model, tiny_model_dir  # noqa: F401
 
 
 @pytest.fixture

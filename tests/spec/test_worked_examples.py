@@ -34,14 +34,6 @@ TUPLES = {
 }
 
 
-def blocks(path):
-    text = path.read_text()
-    heads = [(m.start(), m.group(1)) for m in re.finditer(r"^### (Worked example \d+)", text, re.M)]
-    for m in re.finditer(r"```json\n(.*?)```", text, re.S):
-        head = [h for s, h in heads if s < m.start()]
-        yield (head[-1] if head else None), json.loads(m.group(1))
-
-
 def config_class(module):
     for name in dir(module):
         obj = getattr(module, name)
