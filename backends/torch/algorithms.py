@@ -293,6 +293,20 @@ def _float64(x: torch.Tensor | None) -> torch.Tensor | None:
 ALGORITHMS = {"grpo": GRPOAdapter, "rloo": RLOOAdapter, "ppo": PPOAdapter, "online_dpo": OnlineDPOAdapter}
 
 
+_KL_COEFFICIENT = {"grpo": (grpo.GRPOConfig, "beta"), "rloo": (rloo.RLOOConfig, "beta"),
+                   "ppo": (ppo.PPOConfig, "kl_coef")}
+
+
+def needs_reference_model(config: TrainConfig) -> bool:
+    """Whether the run scores a reference policy: Online DPO always, the others when their KL
+    coefficient is non-zero. Known before the model loads, so full fine-tuning can keep a frozen
+    copy exactly when one is needed (LoRA switches its adapter off instead)."""
+    if config.algo not in _KL_COEFFICIENT:
+        return True
+    config_class, field = _KL_COEFFICIENT[config.algo]
+    return _default(config.beta, config_class, field) != 0.0
+
+
 def make_algorithm(config: TrainConfig, num_reward_funcs: int, *, hidden_size: int,
                    device: torch.device | str = "cpu") -> Algorithm:
     """The adapter of `config.algo`; `hidden_size` and `device` place extra modules (PPO's value head)."""

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from .algorithms import make_algorithm
+from .algorithms import make_algorithm, needs_reference_model
 from .batch import RolloutBatch, collate_rollout
 from .chat import render_prompt
 from .config import TrainConfig
@@ -63,7 +63,8 @@ class Trainer:
                                   lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                                   lora_target_modules=_targets(config.lora_target_modules),
                                   load_in_4bit=config.load_in_4bit,
-                                  gradient_checkpointing=config.gradient_checkpointing)
+                                  gradient_checkpointing=config.gradient_checkpointing,
+                                  reference_copy=_reference_copy(config))
         self.tokenizer = self.policy.tokenizer
         self.reward_fns = [load_reward_function(spec) for spec in config.reward_funcs]
         self.reward_names = reward_names(self.reward_fns)
@@ -457,6 +458,11 @@ def _resolve_task(config: TrainConfig):
     else:
         eval_rows = []
     return model_path, dataset, eval_rows
+
+
+def _reference_copy(config: TrainConfig) -> str:
+    """Full fine-tuning has no adapter to switch off: keep a frozen copy when the run needs a reference."""
+    return "device" if config.lora_r == 0 and needs_reference_model(config) else "none"
 
 
 def _make_engine(config: TrainConfig, policy, tokenizer):

@@ -83,3 +83,10 @@ def test_config_summary_is_written(base_config):
     trainer = _train(**{**base_config, "max_steps": 1})
     saved = json.loads((trainer.run_dir / "config.json").read_text())
     assert saved["num_generations"] == 4 and saved["algo"] == "grpo"
+
+
+@pytest.mark.parametrize("algo", ["grpo", "online_dpo"])
+def test_full_finetuning_with_a_reference_keeps_a_frozen_copy(base_config, algo):
+    values = {**base_config, "algo": algo, "lora_r": 0, "max_steps": 1, "beta": 0.1}
+    trainer = _train(**values)
+    assert read_metrics(trainer.run_dir)[0]["kl" if algo == "grpo" else "loss"] is not None
