@@ -90,3 +90,11 @@ def test_full_finetuning_with_a_reference_keeps_a_frozen_copy(base_config, algo)
     values = {**base_config, "algo": algo, "lora_r": 0, "max_steps": 1, "beta": 0.1}
     trainer = _train(**values)
     assert read_metrics(trainer.run_dir)[0]["kl" if algo == "grpo" else "loss"] is not None
+
+
+def test_8bit_adamw_from_bitsandbytes(base_config):
+    pytest.importorskip("bitsandbytes")
+    trainer = _train(**{**base_config, "optim": "adamw_8bit", "max_steps": 1,
+                        "reward_funcs": ["tests/trainer/rewards.py:digit_fraction"]})
+    assert type(trainer.optimizer).__name__ == "AdamW8bit"
+    assert read_metrics(trainer.run_dir)[0]["grad_norm"] > 0
