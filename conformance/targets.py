@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib
 import time
 import traceback
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -221,6 +222,16 @@ def run(target: Any, adapter: Adapter, cases: list[Case], *, dtype: str | None =
 # The Python API
 # ------------------------------------------------------------------------------------------------
 
+def _label(target: str | Any) -> str:
+    """How a target is named in the report: its "package.module:attr" path."""
+    if isinstance(target, str):
+        return target
+    if isinstance(target, types.ModuleType):
+        return target.__name__
+    named = target if hasattr(target, "__qualname__") else type(target)  # a function or class, else an instance
+    return f"{named.__module__}:{named.__qualname__}"
+
+
 def resolve_adapter(adapter: str | Adapter) -> Adapter:
     if not isinstance(adapter, str):
         return adapter
@@ -258,12 +269,12 @@ def check_target(
     target = target if target is not None else adapter.default_target
     if target is None:
         raise ValueError(f"target: adapter {adapter.name} has no default target; give one")
-    label = target if isinstance(target, str) else f"{getattr(target, '__module__', '?')}:{getattr(target, '__qualname__', repr(target))}"
     obj = load(target) if isinstance(target, str) else target
     cases = registry.all_cases([algo], exhaustive=exhaustive, every_edge=every_edge)
     if quick:
         cases = registry.quick_cases(cases)
     start = time.perf_counter()
+    label = _label(target)
     results = run(obj, adapter, cases, dtype=dtype, label=label)
     out = TargetReport(label, adapter.name, algo, dtype or adapter.dtype, adapter.covers, results,
                        time.perf_counter() - start)

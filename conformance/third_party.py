@@ -5,8 +5,9 @@
 
 Each run: every config variant of the registry (`exhaustive`) on every edge case (`every_edge`), in the
 adapter's dtype: the ready adapters support some variants only, and the default selection (an all-pairs
-covering subset, one shape and edge per variant) would leave some supported combinations and edges untested. A package that does
-not import is reported as such (its file is left as it was). docs/conformance_third_party.md reads the results.
+covering subset, one shape and edge per variant) would leave supported combinations and edges untested.
+A package that does not import is reported as such (its file is left as it was).
+docs/conformance_third_party.md reads the results.
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ arguments its trainer passes (cited per line), and maps aha's config onto verl's
 | dr_grpo                                 | seq-mean-token-sum-norm, global_batch_size = B, loss_scale_factor = L |
 | token / sequence ratios                 | policy loss `vanilla` / `gspo`; `cispo` -> `cispo`                |
 | `epsilon`, `epsilon_high`               | `clip_ratio_low`, `clip_ratio_high` (cispo: 1 and cap - 1: upper-only) |
-| `delta` (two-sided clip)                | `clip_ratio_c` (dual clip: identical for delta > 1 + epsilon_high); none -> inf |
+| `delta` (two-sided clip)                | `clip_ratio_c` (dual clip; the same for delta > 1 + eps_high); none -> inf |
 | `beta` (k3 in the loss)                 | `use_kl_loss`, `kl_loss_coef`, `kl_loss_type` low_var_kl          |
 | PPO `kl_estimator` k1 / k3              | `kl_penalty` kl / low_var_kl, `kl_ctrl` fixed at `kl_coef`        |
 | PPO `dual_clip` c / none                | `clip_ratio_c` c / inf (verl's default 3 is always on)            |

@@ -213,6 +213,6 @@ def test_verl_ppo_agrees_with_k1_and_clamps_k3_on_far_ratios():
              if adapter.supports(c) is None and c.config.dual_clip is None and c.edge in ("generic", "far_ratios")]
     results = {(c.config.kl_estimator, c.edge): r
                for c, r in zip(cases, run(load(adapter.default_target), adapter, cases))}
-    assert {k: r.status for k, r in results.items()} == {
-        ("k1", "generic"): "pass", ("k1", "far_ratios"): "pass", ("k3", "generic"): "pass", ("k3", "far_ratios"): "fail"}
+    assert {k: r.status for k, r in results.items()} == {("k1", "generic"): "pass", ("k1", "far_ratios"): "pass",
+                                                          ("k3", "generic"): "pass", ("k3", "far_ratios"): "fail"}
     assert "loss" in {c.quantity for c in results[("k3", "far_ratios")].failed}
