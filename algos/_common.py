@@ -219,8 +219,10 @@ def kl_estimate(logp: Array, ref_logp: Array, estimator: KLEstimator) -> Array:
 
 
 def _k3(x: Array) -> Array:
+    # expm1(x) - x, not exp(x) - x - 1: equal in exact arithmetic, but for |x| < 1e-8 the latter
+    # cancels to about -1e-16, breaking k3 >= 0; fl(expm1(x)) >= x keeps it non-negative.
     xp = array_namespace(x)
-    return xp.exp(x) - x - 1.0
+    return xp.expm1(x) - x
 
 
 _KL_ESTIMATORS: dict[str, Callable[[Array], Array]] = {
