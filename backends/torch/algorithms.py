@@ -25,7 +25,7 @@ from torch import nn
 from aha.algos import grpo, online_dpo, ppo, rloo
 from aha.algos._common import apply_missing_eos_penalty, combine_rewards, kl_estimate, masked_mean, masked_var
 
-from . import losses
+from . import distributed, losses
 from .batch import RolloutBatch
 from .config import ConfigError, TrainConfig
 from .value_head import ValueHead
@@ -132,8 +132,9 @@ class _GroupRelative(_Adapter):
         return stats
 
     def _scale(self, gradient_accumulation_steps: int) -> float:
-        # Global-count normalizers (dapo, cispo) already divide by the whole generation batch's tokens.
-        return 1.0 if self.global_count else 1.0 / gradient_accumulation_steps
+        # c of spec/common.md eq. 7. Global-count normalizers (dapo, cispo) already divide by the tokens of the
+        # whole step on all P processes, whose gradients are then averaged: c = P (1 in one process).
+        return float(distributed.world_size()) if self.global_count else 1.0 / gradient_accumulation_steps
 
 
 class GRPOAdapter(_GroupRelative):
@@ -148,6 +149,15 @@ class GRPOAdapter(_GroupRelative):
             max_completion_length=config.max_completion_length)
         super().__init__(config, weights, algo_config)
         self.global_count = algo_config.loss_type in ("dapo", "cispo")
+
+    def _advantages(self, rewards: torch.Tensor, batch: RolloutBatch) -> torch.Tensor:
+        if self.algo_config.scale_rewards == "batch" and distributed.world_size() > 1:
+            # The batch std is over the whole step: gather every process's rewards (groups stay whole on their
+            # process, so group means are unchanged) and keep this process's rows (distributed.py).
+            everyone = grpo.advantages(distributed.gather_rows(rewards), num_generations=self.config.num_generations,
+                                       config=self.algo_config)
+            return distributed.own_rows(everyone)
+        return super()._advantages(rewards, batch)
 
     def loss(self, hidden, weight, bias, batch, *, num_items_in_batch, gradient_accumulation_steps):
         loss, metrics = losses.grpo_loss(

@@ -68,6 +68,11 @@ class TrainConfig:
     top_k: int = 0
     min_p: float = 0.0
     mask_truncated_completions: bool = False
+    sampling_seed: Literal["step", "prompt"] | None = None
+    """"step": one seeded stream per rollout; "prompt": each prompt's completions drawn from a seed of
+    (seed, step, the prompt's place in the step's global batch), so samples do not depend on how prompts
+    are split across processes or batched (rollout.SamplingParams.prompt_seeds; hf rollout only). None:
+    "step" in one process, "prompt" across several (a stream seeded alike on every rank would correlate them)."""
 
     # --- loss (TRL names; meaning in spec/) -------------------------------------------------------
     beta: float | None = None
@@ -139,6 +144,15 @@ class TrainConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     gradient_checkpointing: bool = True
 
+    # --- several processes (torchrun; backends/torch/distributed.py) ------------------------------
+    fsdp: bool = False
+    """Full fine-tuning (lora_r=0) across processes with weights, gradients and optimizer state sharded by
+    FSDP2 (`torch.distributed.fsdp.fully_shard`), for models whose training state does not fit one device.
+    False replicates the trainable weights on every process and all-reduces their gradients."""
+    ddp_timeout: float = 1800.0
+    """Seconds a collective may wait for the other processes (TRL/transformers' name); past it, or as soon
+    as a process is seen to have died, the others stop with an error instead of hanging."""
+
     # --- bookkeeping ----------------------------------------------------------------------------
     output_dir: str = "runs/aha"
     logging_steps: int = 1
@@ -174,6 +188,12 @@ class TrainConfig:
             raise ConfigError(
                 f"per_device_train_batch_size × gradient_accumulation_steps = {self.generation_batch_size} "
                 f"must be a multiple of num_generations = {self.num_generations}")
+        if self.fsdp and (self.lora_r != 0 or self.algo == "ppo"):
+            raise ConfigError("fsdp shards full fine-tuning (lora_r=0) of grpo, rloo or online_dpo; LoRA's "
+                              "trainable weights are small enough to replicate (fsdp=False), and PPO's value "
+                              f"head is not sharded (got lora_r={self.lora_r}, algo={self.algo})")
+        if self.ddp_timeout <= 0:
+            raise ConfigError(f"ddp_timeout must be > 0 seconds, got {self.ddp_timeout}")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ConfigError(f"reward_weights has {len(self.reward_weights)} entries for "
                               f"{len(self.reward_funcs)} reward_funcs")

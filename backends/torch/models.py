@@ -49,11 +49,14 @@ class Policy:
         self._reference_model = reference_model
         self._offload_activations = offload_activations
         self._in_reference = False
+        self.sharded = None
+        """FSDP2 sharding across processes (sharding.ShardedModel, set by sharding.shard_policy), or None."""
 
     @property
     def generation_model(self) -> nn.Module:
-        """The module to pass to the rollout engine's `generate` (adapter active)."""
-        return self.model
+        """The module to pass to the rollout engine's `generate` (adapter active); when sharded, a view
+        whose `generate` runs in step with the other ranks (sharding.py)."""
+        return self.model if self.sharded is None else self.sharded.generation_model
 
     @property
     def device(self) -> torch.device:
@@ -62,7 +65,8 @@ class Policy:
     @property
     def lm_head_weight(self) -> torch.Tensor:
         """[V, H] output projection; the embedding matrix itself when embeddings are tied.
-        Inside `reference()` with a full-fine-tuning copy: the copy's head, on this policy's device."""
+        Inside `reference()` with a full-fine-tuning copy: the copy's head, on this policy's device.
+        Sharded: the gathered weight only after a `hidden_states` pass, so read it after that."""
         if self._using_copy:
             return self._reference_model.get_output_embeddings().weight.to(self.device)
         return self._lm_head.weight
@@ -102,9 +106,11 @@ class Policy:
         # Inside a checkpointed layer checkpointing's own hooks win; outside, what autograd saves is each
         # layer's input (checkpoint keeps it for the recompute), and save_on_cpu parks it in pinned memory.
         offload = self._offload_activations and torch.is_grad_enabled() and self.model.training
+        # Sharded: the decoder runs under the FSDP root's hooks, which also gather the LM head (sharding.py).
+        decoder = self._decoder if self.sharded is None else self.sharded.run(self._decoder)
         with torch.autograd.graph.save_on_cpu(pin_memory=True) if offload else contextlib.nullcontext():
-            output = self._decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   use_cache=False)
+            output = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False)
         return output.last_hidden_state[:, -logits_to_keep - 1:-1]
 
     @contextlib.contextmanager

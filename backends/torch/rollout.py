@@ -36,6 +36,10 @@ class SamplingParams:
     """Completion length limit (TRL: max_completion_length)."""
     seed: int | None = None
     """Seeds the sampler for this call (the trainer passes seed + step); None leaves the RNG alone."""
+    prompt_seeds: tuple[int, ...] | None = None
+    """One seed per prompt: each completion's draws then depend on its prompt's seed, its index in the
+    group and its token position alone, not on which other prompts share the batch, the `generate`
+    call or the process (`_KeyedGumbelSampler`); `seed` is not used. None: one stream per call."""
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -106,27 +110,35 @@ class HFRolloutEngine:
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> Rollout:
         if n < 1 or not prompt_ids or any(len(p) == 0 for p in prompt_ids):
             raise ValueError(f"need n >= 1 and non-empty prompts, got n={n}, {len(prompt_ids)} prompts")
+        if sampling.prompt_seeds is not None and len(sampling.prompt_seeds) != len(prompt_ids):
+            raise ValueError(f"{len(sampling.prompt_seeds)} prompt_seeds for {len(prompt_ids)} prompts")
         expanded = [list(p) for p in prompt_ids for _ in range(n)]
+        keys = None if sampling.prompt_seeds is None else [
+            completion_key(seed, index) for seed in sampling.prompt_seeds for index in range(n)]
         step = self.max_batch_size or len(expanded)
         completions, logps = [], []
         with _generation_mode(self.model), _seeded(sampling.seed, self.model.device):
             for start in range(0, len(expanded), step):
-                ids, logp = self._generate_batch(expanded[start:start + step], sampling)
+                keyed = {} if keys is None else {"keys": keys[start:start + step]}
+                ids, logp = self._generate_batch(expanded[start:start + step], sampling, **keyed)
                 completions += ids
                 logps += logp
         reasons: list[FinishReason] = ["stop" if ids[-1] in self.eos_token_ids else "length" for ids in completions]
         texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
         return Rollout(expanded, completions, texts, logps, reasons)
 
-    def _generate_batch(self, prompts: list[list[int]], sampling: SamplingParams
+    def _generate_batch(self, prompts: list[list[int]], sampling: SamplingParams, keys: list[int] | None = None
                         ) -> tuple[list[list[int]], list[list[float]]]:
         width = max(map(len, prompts))
         ids = torch.tensor([[self.pad_token_id] * (width - len(p)) + p for p in prompts], device=self.model.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.model.device)
         recorder = _SampledTokenLogprobs()
+        keyed = keys is not None and sampling.temperature > 0
+        # Keyed sampling is greedy decoding over scores + keyed Gumbel noise, added after the recorder.
+        sampler = [_KeyedGumbelSampler(keys, prompt_width=width)] if keyed else []
         output = self.model.generate(
-            input_ids=ids, attention_mask=mask, generation_config=self._generation_config(sampling),
-            logits_processor=LogitsProcessorList([*_warpers(sampling), recorder]))
+            input_ids=ids, attention_mask=mask, generation_config=self._generation_config(sampling, greedy=keyed),
+            logits_processor=LogitsProcessorList([*_warpers(sampling), recorder, *sampler]))
         new_tokens = output[:, width:]
         logp = recorder.sampled_logprobs(new_tokens)
         completions, logps = [], []
@@ -136,15 +148,17 @@ class HFRolloutEngine:
             logps.append(row_logp[:end])
         return completions, logps
 
-    def _generation_config(self, sampling: SamplingParams) -> GenerationConfig:
+    def _generation_config(self, sampling: SamplingParams, *, greedy: bool = False) -> GenerationConfig:
+        """greedy=True: argmax decoding even at temperature > 0 (keyed sampling adds its own noise)."""
         # Every field that changes the distribution is set explicitly: generate() fills unset
         # fields from the checkpoint's generation_config.json (e.g. top_k=20, repetition_penalty).
         # The warpers themselves are passed as logits processors (see _warpers) so the recorder
         # runs after them; the config's own are neutral.
+        do_sample = sampling.temperature > 0 and not greedy
         neutral_warpers = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0,
-                               epsilon_cutoff=0.0, eta_cutoff=0.0) if sampling.temperature > 0 else {}
+                               epsilon_cutoff=0.0, eta_cutoff=0.0) if do_sample else {}
         return GenerationConfig(
-            max_new_tokens=sampling.max_tokens, min_new_tokens=0, do_sample=sampling.temperature > 0, num_beams=1,
+            max_new_tokens=sampling.max_tokens, min_new_tokens=0, do_sample=do_sample, num_beams=1,
             repetition_penalty=1.0, no_repeat_ngram_size=0, eos_token_id=self.eos_token_ids,
             pad_token_id=self.pad_token_id, use_cache=True, **neutral_warpers)
 
@@ -187,6 +201,63 @@ class _SampledTokenLogprobs(LogitsProcessor):
         """[N, steps] log-probs of `new_tokens` (the generated part of the output)."""
         last = self.pending.gather(-1, new_tokens[:, -1:])[:, 0]
         return torch.stack([*self.steps, last], dim=1)
+
+
+class _KeyedGumbelSampler(LogitsProcessor):
+    """Last logits processor of keyed sampling: adds Gumbel noise g = -log(-log u) to the final scores,
+    with u a hash of (the row's key, the token position, the vocabulary index) alone; greedy decoding
+    on top then samples from softmax(scores) exactly (the Gumbel-max trick: argmax(z + g) ~ softmax(z),
+    Gumbel 1954; Maddison, Tarlow & Minka 2014), and a row's draws do not depend on the other rows of
+    its batch. Tokens the warpers removed (-inf) stay removed.
+
+    Naive equivalent (equal in distribution): torch.multinomial(torch.softmax(scores, -1), 1) with one
+    torch.Generator per row, seeded by its key.
+    """
+
+    def __init__(self, keys: list[int], *, prompt_width: int) -> None:
+        self.keys = torch.tensor(keys, dtype=torch.int64)
+        self.prompt_width = prompt_width
+        self._vocab_hash: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._vocab_hash is None:
+            self._vocab_hash = _hash32(torch.arange(scores.shape[-1], dtype=torch.int64, device=scores.device))
+            self.keys = self.keys.to(scores.device)
+        position = input_ids.shape[1] - self.prompt_width
+        rows = _hash32(self.keys ^ _hash32(torch.tensor(position, dtype=torch.int64, device=scores.device)))
+        uniform = (_hash32(rows[:, None] ^ self._vocab_hash).double() + 0.5) / 2**32  # in (0, 1)
+        return scores.double() - torch.log(-torch.log(uniform))
+
+
+def completion_key(prompt_seed: int, index: int) -> int:
+    """The 32-bit key of completion `index` of the prompt seeded `prompt_seed` (splitmix64 of both)."""
+    return _splitmix64(_splitmix64(prompt_seed) ^ index) & 0xFFFFFFFF
+
+
+def _splitmix64(x: int) -> int:
+    """Steele, Lea & Flood 2014 (SplitMix64's finalizer), on Python ints modulo 2**64."""
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 (C. Wellons, "Prospecting for hash functions", 2018), a bijection of 32-bit integers,
+    on int64 tensors holding values in [0, 2**32). Products are taken in 16-bit halves so nothing
+    overflows int64."""
+    x = x & 0xFFFFFFFF
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _mul32(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """x * factor mod 2**32 for x in [0, 2**32): (low half + (high half * factor mod 2**16) << 16)."""
+    low, high = x & 0xFFFF, x >> 16
+    return (low * factor + (((high * factor) & 0xFFFF) << 16)) & 0xFFFFFFFF
 
 
 def _eos_token_ids(model: Any, tokenizer: Any) -> list[int]:

@@ -11,6 +11,9 @@ the LM-head weight through the fused chunked operation (backends/torch/logprobs.
 Faults (docs/failure_behaviour.md lists each with its test): a non-finite loss or gradient skips the
 optimizer step and `max_bad_steps` in a row stop the run; out of memory retries the phase with half
 as many sequences per pass; SIGINT/SIGTERM finish the step, save and return.
+
+Several processes (torchrun): each rank rolls out its share of the step's prompts and the gradients are
+averaged; distributed.py says how the step stays the single-process step on the union.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from . import distributed, sharding
 from .algorithms import make_algorithm, needs_reference_model
 from .batch import RolloutBatch, collate_rollout
 from .chat import render_prompt
@@ -59,12 +63,15 @@ class Trainer:
             label, reason = self.dataset.skipped_rows[0]
             warnings.warn(f"{self.dataset.source}: skipped {len(self.dataset.skipped_rows)} malformed rows "
                           f"(skip_bad_rows); the first, {label}: {reason}", RuntimeWarning, stacklevel=2)
+        distributed.init_from_env(timeout=config.ddp_timeout)
         self.policy = load_policy(model_path, dtype=config.dtype, lora_r=config.lora_r,
                                   lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                                   lora_target_modules=_targets(config.lora_target_modules),
                                   load_in_4bit=config.load_in_4bit,
                                   gradient_checkpointing=config.gradient_checkpointing,
-                                  reference_copy=_reference_copy(config))
+                                  reference_copy=_reference_copy(config), device=distributed.device())
+        if config.fsdp and distributed.world_size() > 1:
+            sharding.shard_policy(self.policy, needs_reference=_reference_copy(config) != "none")
         self.tokenizer = self.policy.tokenizer
         self.reward_fns = [load_reward_function(spec) for spec in config.reward_funcs]
         self.reward_names = reward_names(self.reward_fns)
@@ -77,9 +84,15 @@ class Trainer:
         # The policy's trainable weights and the adapter's extra modules (PPO's value head) train together.
         extra_groups = self.algorithm.param_groups()
         self.trainable = [*self.policy.trainable_parameters(), *(p for group in extra_groups for p in group["params"])]
+        if self.policy.sharded is None:  # replicated weights start alike on every process
+            distributed.broadcast_parameters(self.trainable)
         self.optimizer = _make_optimizer(config, [{"params": self.policy.trainable_parameters()}, *extra_groups])
         self.scheduler = _make_scheduler(config, self.optimizer)
-        self.logger = MetricsLogger(self.run_dir, logging_steps=config.logging_steps, total_steps=config.max_steps)
+        self.logger = (MetricsLogger(self.run_dir, logging_steps=config.logging_steps, total_steps=config.max_steps)
+                       if distributed.is_main() else distributed.NullLogger())
+        self._global_prompts_per_step = config.prompts_per_step * distributed.world_size()
+        self._seed_per_prompt = config.sampling_seed == "prompt" or (config.sampling_seed is None
+                                                                      and distributed.world_size() > 1)
         self.step = 0
         self.batch: RolloutBatch | None = None
         self.shuffle = torch.Generator().manual_seed(config.seed)
@@ -94,14 +107,15 @@ class Trainer:
     # --- the loop ---------------------------------------------------------------------------------
     def train(self) -> dict[str, float]:
         config = self.config
-        (self.run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        if distributed.is_main():
+            (self.run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
         before = self.evaluate() if self.eval_rows and self.step == 0 else None
         # Signal handlers can only be installed from the main thread; elsewhere the caller handles signals.
         handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
         previous = {signum: signal.signal(signum, self._request_stop) for signum in handled}
         try:
-            while self.step < config.max_steps and not self._stop_requested:
-                metrics = self.train_step()
+            while self.step < config.max_steps and not distributed.any_rank(self._stop_requested):
+                metrics = distributed.combine_metrics(self.train_step())
                 self.step += 1
                 self.logger.log(self.step, metrics)
                 if config.save_steps and self.step % config.save_steps == 0:
@@ -111,21 +125,22 @@ class Trainer:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
         self.logger.close()
-        plot = plot_run(self.run_dir)
+        plot = plot_run(self.run_dir) if distributed.is_main() else self.run_dir / "curves.png"
         summary = {"steps": self.step, "plot": str(plot)}
         if self.step < config.max_steps:  # stopped by a signal: the checkpoint matters, not the evaluation
             summary["stopped_early"] = True
-            print(f"stopped at step {self.step} of {config.max_steps}; continue with --resume {self.run_dir}")
+            _announce(f"stopped at step {self.step} of {config.max_steps}; continue with --resume {self.run_dir}")
         elif self.eval_rows:
             after = self.evaluate()
             summary.update({"accuracy_after": after})
             if before is not None:
                 summary["accuracy_before"] = before
-                print(f"held-out accuracy: {100 * before:.1f}% -> {100 * after:.1f}%")
+                _announce(f"held-out accuracy: {100 * before:.1f}% -> {100 * after:.1f}%")
             else:
-                print(f"held-out accuracy: {100 * after:.1f}%")
-        print(f"curves: {plot}")
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+                _announce(f"held-out accuracy: {100 * after:.1f}%")
+        _announce(f"curves: {plot}")
+        if distributed.is_main():
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
     def train_step(self) -> dict[str, float]:
@@ -158,12 +173,17 @@ class Trainer:
     # --- phases -----------------------------------------------------------------------------------
     def _rollout(self) -> tuple[RolloutBatch, dict[str, float]]:
         config = self.config
-        rows = self.dataset.next_batch(config.prompts_per_step)
+        # Every process draws the step's global prompt list and keeps its share (whole groups).
+        rows, prompt_indices = distributed.shard_prompts(self.dataset.next_batch(self._global_prompts_per_step))
         texts = [render_prompt(self.tokenizer, row["prompt"], system_prompt=config.system_prompt,
                                chat_template=config.chat_template) for row in rows]
         prompt_ids, truncated_prompts = self._encode_prompts(texts, rows)
         # A seed per step: different samples every step, the same ones after a resume.
-        sampling = dataclasses.replace(self.sampling, seed=config.seed * 1_000_003 + self.step)
+        step_seed = (config.seed + distributed.rank()) * 1_000_003 + self.step
+        sampling = dataclasses.replace(self.sampling, seed=step_seed)
+        if self._seed_per_prompt:  # (seed, step, place in the global list): the same samples on any number of processes
+            sampling = dataclasses.replace(sampling, prompt_seeds=tuple(
+                (config.seed * 1_000_003 + self.step) * 1_000_003 + index for index in prompt_indices))
         rollout = self._generate(prompt_ids, sampling)
         batch = collate_rollout(rollout.prompt_ids, rollout.completion_ids, rollout.is_truncated,
                                 pad_token_id=self.engine.pad_token_id,
@@ -276,13 +296,19 @@ class Trainer:
         order = _shuffle_in_units(len(batch), self.algorithm.micro_batch_unit, self.shuffle)
         random_state = _rng_states()
 
+        # N of dapo/cispo: the active tokens of the whole step, on every process (spec/common.md eq. 6).
+        num_items = int(distributed.sum_over_ranks(batch.mask.sum().item()))
+
         def attempt(rows_per_pass: int) -> tuple[dict[str, float], str | None]:
             _set_rng_states(random_state)
-            return self._accumulate(batch, order, rows_per_pass)
+            return self._accumulate(batch, order, rows_per_pass, num_items)
 
         sums, fault = self._halving_on_oom("update", len(batch) // config.gradient_accumulation_steps, attempt,
                                            unit="completions per decoder pass")
+        if distributed.any_rank(fault is not None) and fault is None:  # every process skips the step, or none
+            fault = "a non-finite loss or gradient on another process"
         if fault is None:
+            distributed.average_gradients(self.trainable)  # replicated weights; FSDP reduced its shards in backward
             params = [p for p in self.trainable if p.grad is not None]
             sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm).item()
             if not math.isfinite(sums["grad_norm"]):
@@ -298,13 +324,12 @@ class Trainer:
             self.scheduler.step()
         return sums
 
-    def _accumulate(self, batch: RolloutBatch, order: torch.Tensor,
-                    rows_per_pass: int) -> tuple[dict[str, float], str | None]:
+    def _accumulate(self, batch: RolloutBatch, order: torch.Tensor, rows_per_pass: int,
+                    num_items: int) -> tuple[dict[str, float], str | None]:
         """Gradients of every micro-batch summed into .grad; the summed metrics, and where a loss or
         gradient first turned non-finite (None if none did; the micro-batches after it are not run)."""
         accumulation = self.config.gradient_accumulation_steps
         micro = len(batch) // accumulation
-        num_items = int(batch.mask.sum().item())
         sums: dict[str, float] = {}
         self.optimizer.zero_grad(set_to_none=True)
         self.policy.model.train()
@@ -316,10 +341,11 @@ class Trainer:
             for name, value in metrics.items():
                 sums[name] = sums.get(name, 0.0) + float(value) / accumulation
             where = f"micro-batch {index + 1}/{accumulation}"
-            if not math.isfinite(sums["loss"]):
-                return sums, f"a non-finite loss ({loss.item()}) in {where}"
-            if not _gradients_finite(self.trainable):
-                return sums, f"a non-finite gradient in {where}"
+            if not self._agreed(finite_loss := math.isfinite(sums["loss"])):
+                return sums, (f"a non-finite loss ({loss.item()}) in {where}" if not finite_loss
+                              else f"a non-finite loss in {where} of another process")
+            if not self._agreed(finite_gradient := _gradients_finite(self.trainable)):
+                return sums, f"a non-finite gradient in {where}" + (" of another process" if finite_gradient else "")
         return sums, None
 
     def _backward_micro_batch(self, part: RolloutBatch, rows_per_pass: int,
@@ -333,12 +359,14 @@ class Trainer:
         equals the one-pass gradient up to float rounding for every algorithm (no per-loss rescaling
         of the pieces), for one more decoder forward. Dropout draws are replayed per slice.
         """
-        weight, bias = self.policy.lm_head_weight, self.policy.lm_head_bias
         if rows_per_pass >= len(part):
-            loss, metrics = self.algorithm.loss(self._hidden(part), weight, bias, part, **loss_kwargs)
-            if torch.isfinite(loss):
+            hidden = self._hidden(part)  # before reading the head: sharded, the pass gathers it (sharding.py)
+            loss, metrics = self.algorithm.loss(hidden, self.policy.lm_head_weight, self.policy.lm_head_bias, part,
+                                                **loss_kwargs)
+            if self._agreed(bool(torch.isfinite(loss))):
                 loss.backward()
             return loss, metrics
+        weight, bias = self.policy.lm_head_weight, self.policy.lm_head_bias
         slices = [(start, min(start + rows_per_pass, len(part))) for start in range(0, len(part), rows_per_pass)]
         states, pieces = [], []
         with torch.no_grad():
@@ -355,6 +383,11 @@ class Trainer:
             _set_rng_states(state)
             self._hidden(part.select(torch.arange(start, stop))).backward(hidden.grad[start:stop])
         return loss, metrics
+
+    def _agreed(self, ok: bool) -> bool:
+        """Whether a loss or gradient is finite. Sharded weights: every process must run the same passes,
+        so all decide together, at once; replicated, each decides alone and `_update` agrees once per step."""
+        return ok if self.policy.sharded is None else not distributed.any_rank(not ok)
 
     def _skip_step(self, fault: str) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -377,6 +410,8 @@ class Trainer:
             try:
                 return attempt(size)
             except torch.OutOfMemoryError as error:
+                if self.policy.sharded is not None:  # the other processes wait inside FSDP's collectives: no retry
+                    raise
                 reason = (str(error).splitlines() or ["out of memory"])[0]
             # Outside the except block, so the traceback and the tensors its frames held are released.
             self.optimizer.zero_grad(set_to_none=True)
@@ -403,21 +438,34 @@ class Trainer:
                                  system_prompt=self.config.system_prompt, chat_template=self.config.chat_template)
 
     def save(self) -> Path:
+        """Rank 0 writes the checkpoint (sharded weights gathered to it first, by every process); the data
+        cursor counts the global batch's prompts, so it resumes on any number of processes."""
         state = {"step": self.step, "data": self.dataset.state_dict(),
                  "shuffle_rng": self.shuffle.get_state().tolist(), "config": self.config.to_dict(),
-                 "skipped_steps": self.skipped_steps}
-        return ckpt.save_checkpoint(self.run_dir, self.step, policy=self.policy, optimizer=self.optimizer,
-                                    extra_modules=self.algorithm.modules,
-                                    scheduler=self.scheduler, trainer_state=state,
-                                    save_total_limit=self.config.save_total_limit)
+                 "skipped_steps": self.skipped_steps, "world_size": distributed.world_size(),
+                 "global_prompts_per_step": self._global_prompts_per_step}
+        policy, optimizer = self.policy, self.optimizer
+        if self.policy.sharded is not None:  # the full weights and optimizer state, gathered by every process
+            policy = optimizer = sharding.CheckpointView(self.policy, self.optimizer, gather=True)
+        path = self.run_dir / f"checkpoint-{self.step}"
+        if distributed.is_main():
+            path = ckpt.save_checkpoint(self.run_dir, self.step, policy=policy, optimizer=optimizer,
+                                        extra_modules=self.algorithm.modules,
+                                        scheduler=self.scheduler, trainer_state=state,
+                                        save_total_limit=self.config.save_total_limit)
+        distributed.barrier()  # no process goes on before the checkpoint exists
+        return path
 
     def _resume(self, where: str) -> None:
         path = Path(where)
         found = ckpt.latest_checkpoint(path) if not (path / "trainer_state.json").exists() else path
         if found is None:
             raise FileNotFoundError(f"--resume {where}: no checkpoint-* folder found there")
+        policy, optimizer = self.policy, self.optimizer
+        if self.policy.sharded is not None:  # every process reads the full files and keeps its shards
+            policy = optimizer = sharding.CheckpointView(self.policy, self.optimizer, gather=False)
         try:
-            state = ckpt.load_checkpoint(found, policy=self.policy, optimizer=self.optimizer,
+            state = ckpt.load_checkpoint(found, policy=policy, optimizer=optimizer,
                                          scheduler=self.scheduler, extra_modules=self.algorithm.modules)
         except ckpt.CheckpointError as error:
             step = int(found.name.rpartition("-")[2])
@@ -428,14 +476,27 @@ class Trainer:
         self.skipped_steps = state["skipped_steps"]
         self.dataset.load_state_dict(state["data"])
         self.shuffle.set_state(torch.tensor(state["shuffle_rng"], dtype=torch.uint8))
+        # Checkpoints from before multi-process training have neither field: one process, this config's batch.
+        saved_on = state.get("world_size", 1)
+        saved_prompts = state.get("global_prompts_per_step", self.config.prompts_per_step)
+        if (saved_on, saved_prompts) != (distributed.world_size(), self._global_prompts_per_step):
+            _announce(f"resuming on {distributed.world_size()} processes a run saved on {saved_on}: "
+                      f"{self._global_prompts_per_step} prompts per step (was {saved_prompts}); the data cursor "
+                      "counts prompts of the global batch, so it continues where it stopped")
 
     def _request_stop(self, signum, frame) -> None:
         """SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption): finish this step, save, return.
         The same signal again acts at once, as it would by default."""
         name = signal.Signals(signum).name
-        print(f"\n{name}: saving a checkpoint after this step ({name} again to abort)", flush=True)
+        _announce(f"\n{name}: saving a checkpoint after this step ({name} again to abort)")
         self._stop_requested = True
         signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+
+
+def _announce(message: str) -> None:
+    """Print once per run: on rank 0 (the only process in a single-process run)."""
+    if distributed.is_main():
+        print(message, flush=True)
 
 
 def _resolve_task(config: TrainConfig):
