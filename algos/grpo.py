@@ -154,12 +154,17 @@ def loss(
     *,
     config: GRPOConfig,
     num_items_in_batch: Array | float | None = None,
+    importance_sampling_ratio: Array | None = None,
 ) -> tuple[Array, Metrics]:
-    """GRPO micro-batch loss (spec/grpo.md eqs. 3–9; trl.md §2.5–§2.8).
+    """GRPO micro-batch loss (spec/grpo.md eqs. 3–9, 13; trl.md §2.5–§2.8).
 
-    Shapes: logp, old_logp, ref_logp, mask [B, T]; advantages [B]. Returns a 0-d loss and 0-d metrics.
+    Shapes: logp, old_logp, ref_logp, mask [B, T]; advantages [B]; importance_sampling_ratio [B, T] or [B, 1].
+    Returns a 0-d loss and 0-d metrics.
 
-    ℓ_it = policy_term(ρ, A_i, log π_it) + β·k3_it, then ``aggregate`` by ``loss_type``.
+    ℓ_it = policy_term(ρ, A_i, log π_it)·ρ^IS_it + β·k3_it, then ``aggregate`` by ``loss_type``.
+    ``importance_sampling_ratio``: the train/inference mismatch weight ρ^IS of ``mismatch.importance_sampling_ratio``
+    (a constant: no gradient flows into it); it multiplies the policy term only, not the KL term (trl.md §2.7).
+    None = no correction (ρ^IS = 1).
     ``old_logp=None`` is on-policy: ρ = exp(log π - sg[log π]) is 1 in value with gradient ∇log π (REINFORCE).
     ``ref_logp`` may be None only when β = 0; the KL term is added after the policy term and is not
     weighted by ρ. ``num_items_in_batch``: the generation batch's active-token count for dapo/cispo
@@ -170,8 +175,13 @@ def loss(
         logp=(logp, "B T"), old_logp=(old_logp, "B T"), ref_logp=(ref_logp, "B T"),
         advantages=(advantages, "B"), mask=(mask, "B T"),
     )
-    check_float(logp=logp, old_logp=old_logp, ref_logp=ref_logp, advantages=advantages)
+    check_float(logp=logp, old_logp=old_logp, ref_logp=ref_logp, advantages=advantages,
+                importance_sampling_ratio=importance_sampling_ratio)
     check_mask(mask, logp)
+    if importance_sampling_ratio is not None and tuple(importance_sampling_ratio.shape) not in (
+            tuple(logp.shape), (logp.shape[0], 1)):
+        raise ValueError(f"importance_sampling_ratio: expected shape [B, T] = {tuple(logp.shape)} or [B, 1], "
+                         f"got {tuple(importance_sampling_ratio.shape)}")
     if ref_logp is None and config.beta != 0:
         raise ValueError(f"ref_logp: required when config.beta != 0 (beta={config.beta})")
     xp = array_namespace(logp, mask)
@@ -180,6 +190,8 @@ def loss(
     adv = stop_gradient(advantages)[:, None]
     ratio = xp.exp(importance_log_ratio(logp, old_logp, mask, config.importance_sampling_level))
     per_token = _POLICY_TERMS[config.loss_type](ratio, adv, logp, config)
+    if importance_sampling_ratio is not None:  # spec/grpo.md eq. 13: before the KL term, which it does not weight
+        per_token = per_token * stop_gradient(importance_sampling_ratio)
 
     kl = None
     if ref_logp is not None:

@@ -6,10 +6,12 @@
 A vector is framework-neutral: per-token log-probs are given (no model), with the algorithm's other
 inputs; expected are the loss, every metric, the intermediate outputs (advantages, returns, pairs) and
 the gradient of the loss with respect to the log-probs (and PPO's value predictions), all computed by
-the JAX float64 reference. One vector per (algorithm, edge case), taken from the conformance registry.
+the JAX float64 reference. One vector per (algorithm, edge case), and one per appended variant (GRPO's
+train/inference mismatch correction), taken from the conformance registry.
 
 JSON encoding: arrays are nested lists; floats are written with full (repr) precision; NaN and ±inf
-are the strings "NaN", "Infinity", "-Infinity"; booleans are JSON booleans, indices JSON integers.
+are the strings "NaN", "Infinity", "-Infinity"; booleans are JSON booleans, indices JSON integers;
+option strings (the mismatch correction's mode) are JSON strings.
 A change to `aha.algos` that moves any value beyond the pipeline/float64 tolerance fails the check, loudly.
 """
 from __future__ import annotations
@@ -53,8 +55,8 @@ def _encode(value):
         value = float(value)
         return value if math.isfinite(value) else ("NaN" if math.isnan(value) else
                                                    ("Infinity" if value > 0 else "-Infinity"))
-    if value is None:
-        return None
+    if value is None or isinstance(value, str):
+        return value
     raise TypeError(f"cannot encode {type(value)}")
 
 
@@ -82,11 +84,14 @@ def _map(nested, fn):
 
 
 def golden_cases(algo: str) -> list[registry.Case]:
-    """One case per edge of the algorithm: the first registry case that meets it."""
+    """One case per edge of the algorithm (the first registry case that meets it), then one per appended variant
+    (registry.appended_variants: e.g. GRPO's train/inference mismatch correction)."""
+    appended = {name for name, _, _ in registry.appended_variants(problems.PROBLEMS[algo])}
     seen, out = set(), []
     for case in registry.all_cases([algo]):
-        if case.edge not in seen:
-            seen.add(case.edge)
+        key = case.variant if case.variant in appended else case.edge
+        if key not in seen:
+            seen.add(key)
             out.append(case)
     return out
 

@@ -39,6 +39,10 @@ class Problem(Protocol):
     def variant(self, **choice) -> tuple[Any, dict] | None:
         """(config, options) of one choice of values, or None when the combination is meaningless."""
 
+    def appended_variants(self) -> list[tuple[dict, Any, dict]]:
+        """(choice, config, options) of variants listed after the covering set (registry.appended_variants), so
+        that adding one moves no existing case: features that are not a dimension of every variant."""
+
     def build(self, rng: np.random.Generator, case, *, logp: np.ndarray, mask: np.ndarray) -> dict:
         """The algorithm's own float64 inputs of a case, drawn from `rng` (old/ref log-probs around `logp`)."""
 
@@ -145,6 +149,27 @@ def dyadic_rewards(rng: np.random.Generator, batch: int, num_generations: int, e
     return rewards
 
 
+def sampler_drift(rng: np.random.Generator, mask: np.ndarray, mode: str, clip_min: float | None,
+                  clip_max: float | None, *, exact_rows: np.ndarray) -> np.ndarray:
+    """log π_old - log π_sampler [B, T] for the mismatch correction: tokens a little off (σ = 0.1) and far off
+    (σ = 0.6), kept RATIO_MARGIN away from log C_min and log C_max in the statistic the mode thresholds (each
+    token, or each row's sum), with one token or row pushed beyond each bound, so every branch of the
+    truncation or mask is taken. `exact_rows` [B] bool: rows sampled without mismatch (ρ^IS = 1), so the
+    clip regions visit_every_region put there stay weighted (a masked ρ^IS of 0 would hide them)."""
+    d = rng.normal(size=mask.shape) * rng.choice([0.1, 0.6], size=mask.shape)
+    d[exact_rows] = 0.0
+    bounds = [math.log(b) for b in (clip_min, clip_max) if b is not None]
+    token = mode.startswith("token")
+    rows = [i for i in range(mask.shape[0]) if mask[i].any() and not exact_rows[i]]
+    for row, target in zip(rows, [bound + (-0.3 if k == 0 and clip_min is not None else 0.3)
+                                  for k, bound in enumerate(bounds)]):
+        if token:
+            d[row, 0] = target
+        else:
+            d[row] += (target - (d[row] * mask[row]).sum()) / mask[row].sum() * mask[row]
+    return condition_log_ratio(d, mask, bounds, "token" if token else "sum")
+
+
 # ------------------------------------------------------------------------------------------------
 # GRPO
 # ------------------------------------------------------------------------------------------------
@@ -165,6 +190,18 @@ class GRPOProblem:
     }
     core = ("loss", "level", "policy")
 
+    corrections = (  # (loss, level, beta, (mode, C_min, C_max)): each mode with TRL's and with two-sided bounds
+        ("dapo", "token", 0.04, ("token_truncate", 0.5, 2.0)),
+        ("grpo", "sequence", 0.0, ("token_mask", 0.5, 2.0)),
+        ("bnpo", "token", 0.0, ("sequence_truncate", None, 3.0)),
+        ("dapo", "token", 0.0, ("sequence_mask", None, 3.0)),
+        ("cispo", "token", 0.04, ("sequence_mask", 0.25, 3.0)),
+        ("dr_grpo", "sequence", 0.04, ("sequence_truncate", 0.5, 2.0)),
+    )
+    """The train/inference mismatch correction (spec/grpo.md §2.5): sampler log-probs in the inputs, the ratio
+    ρ^IS prepared by `aha.algos.mismatch` and passed to the loss. Always off-policy: with the correction the
+    trainer scores π_old (as TRL)."""
+
     def variant(self, loss, level, beta, delta, scale, policy):
         from aha.algos.grpo import GRPOConfig
 
@@ -175,6 +212,14 @@ class GRPOProblem:
             scale_rewards=scale, importance_sampling_level=level, max_completion_length=8,
         )
         return config, {"on_policy": policy == "on"}
+
+    def appended_variants(self):
+        out = []
+        for loss, level, beta, correction in self.corrections:
+            choice = dict(loss=loss, level=level, beta=beta, delta=None, scale="group", policy="off")
+            config, options = self.variant(**choice)
+            out.append(({**choice, "correction": correction}, config, {**options, "correction": correction}))
+        return out
 
     def regions(self, config) -> list[tuple[float, float]]:
         """(advantage sign, log-ratio) points inside every region where the loss's branch changes: clipped low
@@ -200,31 +245,43 @@ class GRPOProblem:
             view = "token" if config.importance_sampling_level == "token" else "mean"
             d = log_ratio_noise(rng, logp.shape, case.edge)
             advantages = self.prepare(out, config, case.num_generations)["advantages"]
-            d = visit_every_region(d, mask, advantages, self.regions(config), view)
-            out["old_logp"] = logp - condition_log_ratio(d, mask, self.kinks(config), view)
+            visited = visit_every_region(d, mask, advantages, self.regions(config), view)
+            out["old_logp"] = logp - condition_log_ratio(visited, mask, self.kinks(config), view)
         if config.beta != 0:
             out["ref_logp"] = logp + rng.normal(scale=0.3, size=logp.shape)
         if config.loss_type in ("dapo", "cispo") and rng.random() < 0.5:
             out["num_items_in_batch"] = float(mask.sum() + rng.integers(0, 10))  # other micro-batches' tokens
+        if "correction" in case.options:
+            mode, clip_min, clip_max = case.options["correction"]
+            out["sampler_logp"] = out["old_logp"] - sampler_drift(rng, mask, mode, clip_min, clip_max,
+                                                                  exact_rows=np.any(visited != d, axis=1))
+            out.update(correction_mode=mode, correction_clip_min=clip_min, correction_clip_max=clip_max)
         return out
 
     def prepare(self, data, config, groups):
-        from aha.algos import grpo
+        from aha.algos import grpo, mismatch
 
-        return {"advantages": grpo.advantages(data["rewards"], num_generations=groups, config=config)}
+        prepared = {"advantages": grpo.advantages(data["rewards"], num_generations=groups, config=config)}
+        if "sampler_logp" in data:
+            prepared["importance_sampling_ratio"] = mismatch.importance_sampling_ratio(
+                data["old_logp"], data["sampler_logp"], data["mask"], mode=data["correction_mode"],
+                clip_min=data["correction_clip_min"], clip_max=data["correction_clip_max"])
+        return prepared
 
     def loss(self, logp, params, data, prepared, config):
         from aha.algos import grpo
 
         return grpo.loss(logp, data.get("old_logp"), data.get("ref_logp"), prepared["advantages"], data["mask"],
-                         config=config, num_items_in_batch=data.get("num_items_in_batch"))
+                         config=config, num_items_in_batch=data.get("num_items_in_batch"),
+                         importance_sampling_ratio=prepared.get("importance_sampling_ratio"))
 
     def fused_loss(self, losses, model, params, data, prepared, config):
         return losses.grpo_loss(
             model["hidden"], model["weight"], model["targets"], data["mask"], data.get("old_logp"),
             data.get("ref_logp"), prepared["advantages"], config=config, temperature=model["temperature"],
             bias=model["bias"], implementation=model["implementation"],
-            num_items_in_batch=data.get("num_items_in_batch"))
+            num_items_in_batch=data.get("num_items_in_batch"),
+            importance_sampling_ratio=prepared.get("importance_sampling_ratio"))
 
     def value_gradient_agree(self, case):
         return not case.options["on_policy"] and case.config.loss_type != "cispo"
@@ -247,6 +304,9 @@ class RLOOProblem:
         "policy": ("off", "on"),
     }
     core = ("kl_in", "beta", "policy")
+
+    def appended_variants(self):
+        return []
 
     def variant(self, kl_in, beta, normalize, reward_clip, policy):
         from aha.algos.rloo import RLOOConfig
@@ -308,6 +368,9 @@ class PPOProblem:
         "score_at": ("first_pad", "last_token"),
     }
     core = ("kl", "whiten", "dual_clip", "score_at")
+
+    def appended_variants(self):
+        return []
 
     def variant(self, kl, whiten, dual_clip, score_at):
         from aha.algos.ppo import PPOConfig
@@ -374,6 +437,9 @@ class OnlineDPOProblem:
         "eos_penalty": (None, 0.5),
     }
     core = ("loss", "G", "beta", "eos_penalty")
+
+    def appended_variants(self):
+        return []
 
     def variant(self, loss, G, beta, eos_penalty):
         from aha.algos.online_dpo import OnlineDPOConfig

@@ -205,38 +205,54 @@ def variants(problem: problems.Problem, *, exhaustive: bool = False) -> list[tup
             for choice, (config, options) in combos]
 
 
+def appended_variants(problem: problems.Problem) -> list[tuple[str, object, dict]]:
+    """The problem's appended variants (`Problem.appended_variants`), named like the covering ones."""
+    return [(",".join(f"{k}={_label(v)}" for k, v in choice.items()), config, options)
+            for choice, config, options in problem.appended_variants()]
+
+
 def all_cases(algos: list[str] | None = None, *, exhaustive: bool = False, every_edge: bool = False) -> list[Case]:
     """The cases of the registry: each algorithm's config variants, each paired with a shape and an edge.
 
     Shapes and edges are dealt to the variants by a seeded balanced permutation, so every edge meets
     every shape and no variant dimension is tied to an edge by the enumeration order. `every_edge`: each
     variant meets every edge instead (shapes in turn), for targets that support few variants (targets.py).
+    The appended variants come last, dealt by a permutation of their own: adding one changes no other case.
     """
     cases: list[Case] = []
     for algo, problem in problems.PROBLEMS.items():
         if algos and algo not in algos:
             continue
         listed = variants(problem, exhaustive=exhaustive)
+        appended = appended_variants(problem)
         if every_edge:
-            cases += _every_edge(algo, problem, listed)
+            cases += _every_edge(algo, problem, listed + appended)
             continue
         # Each variant is dealt to one (shape, edge), or more until the algorithm has MIN_CASES_PER_ALGO.
-        listed = listed * -(-MIN_CASES_PER_ALGO // len(listed))
-        rng = np.random.default_rng(zlib.crc32(algo.encode()))
-        edges = [e for e in EDGES if e in problem.edges]
-        edge_of = rng.permutation(np.arange(len(listed)) % len(edges))
-        shape_of = rng.permutation(np.arange(len(listed)) % len(SHAPES))
         names: set[str] = set()
-        for i, (variant, config, options) in enumerate(listed):
-            for attempt in range(len(edges) * len(SHAPES)):  # a repeated variant must land on a new (shape, edge)
-                shape = SHAPES[(shape_of[i] + attempt // len(edges)) % len(SHAPES)]
-                if shape.B % options.get("num_generations", shape.G):
-                    continue
-                case = Case(algo, variant, config, options, shape, edges[(edge_of[i] + attempt) % len(edges)])
-                if case.name not in names:
-                    break
-            names.add(case.name)
-            cases.append(case)
+        cases += _deal(algo, problem, listed * -(-MIN_CASES_PER_ALGO // len(listed)), algo, names)
+        cases += _deal(algo, problem, appended * 2, f"{algo}/appended", names)  # each on two (shape, edge)
+    return cases
+
+
+def _deal(algo: str, problem: problems.Problem, listed: list, seed_name: str, names: set[str]) -> list[Case]:
+    """Each variant of `listed` on one (shape, edge) by a balanced permutation seeded by `seed_name`; a repeated
+    variant lands on a (shape, edge) it has not met (`names` holds the case names taken so far)."""
+    rng = np.random.default_rng(zlib.crc32(seed_name.encode()))
+    edges = [e for e in EDGES if e in problem.edges]
+    edge_of = rng.permutation(np.arange(len(listed)) % len(edges))
+    shape_of = rng.permutation(np.arange(len(listed)) % len(SHAPES))
+    cases = []
+    for i, (variant, config, options) in enumerate(listed):
+        for attempt in range(len(edges) * len(SHAPES)):
+            shape = SHAPES[(shape_of[i] + attempt // len(edges)) % len(SHAPES)]
+            if shape.B % options.get("num_generations", shape.G):
+                continue
+            case = Case(algo, variant, config, options, shape, edges[(edge_of[i] + attempt) % len(edges)])
+            if case.name not in names:
+                break
+        names.add(case.name)
+        cases.append(case)
     return cases
 
 

@@ -7,7 +7,9 @@ before the update (and at which temperature), what else to read off the sampling
 micro-batch is. Every formula comes from `aha.algos` through `backends/torch/losses.py`.
 
 TrainConfig -> algos config, per algorithm (TRL's names where they differ):
-    GRPO        beta, epsilon, epsilon_high, delta, loss_type, scale_rewards, importance_sampling_level
+    GRPO        beta, epsilon, epsilon_high, delta, loss_type, scale_rewards, importance_sampling_level;
+                with rollout="vllm", vllm_importance_sampling_* -> mismatch.importance_sampling_ratio, the
+                loss's importance_sampling_ratio (the other algorithms have no such weight and ignore them)
     RLOO        beta, kl_in, epsilon, epsilon_high
     PPO         beta -> kl_coef, epsilon -> cliprange, kl_estimator, gamma, lam, vf_coef, cliprange_value,
                 whiten_rewards; num_iterations is TRL's num_ppo_epochs (one mini-batch per epoch)
@@ -22,7 +24,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from aha.algos import grpo, online_dpo, ppo, rloo
+from aha.algos import grpo, mismatch, online_dpo, ppo, rloo
 from aha.algos._common import apply_missing_eos_penalty, combine_rewards, kl_estimate, masked_mean, masked_var
 
 from . import distributed, losses
@@ -42,6 +44,9 @@ class Algorithm(Protocol):
     """Temperature of every log-prob the algorithm scores (the sampling one; Online DPO: 1, spec §3)."""
     micro_batch_unit: int
     """Rows that must share a micro-batch, contiguous and in order: shuffling moves blocks of this size."""
+    corrects_mismatch: bool
+    """Weights its loss by the sampler-to-trainer ratio (spec/grpo.md §2.5): the trainer then stores the rollout
+    engine's log-probs in batch.extras["sampler_logp"] (GRPO with rollout="vllm")."""
     modules: dict[str, nn.Module]
     """Extra trainable modules (PPO: {"value_head": ...}): optimized with the policy, saved in checkpoints."""
 
@@ -66,6 +71,7 @@ class _Adapter:
     """Defaults shared by the four adapters: no extra modules or scores, rows shuffled one by one."""
 
     micro_batch_unit = 1
+    corrects_mismatch = False
 
     def __init__(self, config: TrainConfig, weights: torch.Tensor) -> None:
         self.config = config
@@ -149,6 +155,23 @@ class GRPOAdapter(_GroupRelative):
             max_completion_length=config.max_completion_length)
         super().__init__(config, weights, algo_config)
         self.global_count = algo_config.loss_type in ("dapo", "cispo")
+        # The train/inference mismatch correction (spec/grpo.md §2.5) compares the sampler's log-probs with the
+        # trainer's, so π_old is scored even on-policy (as TRL).
+        self.corrects_mismatch = config.rollout == "vllm" and config.vllm_importance_sampling_correction
+        self.needs_old_logp = self.needs_old_logp or self.corrects_mismatch
+
+    def prepare(self, batch: RolloutBatch, rewards_per_func: torch.Tensor) -> Metrics:
+        stats = super().prepare(batch, rewards_per_func)
+        if self.corrects_mismatch:
+            old_logp, sampler_logp = batch.extras["old_logp"], batch.extras["sampler_logp"]
+            ratio = mismatch.importance_sampling_ratio(
+                old_logp, sampler_logp, batch.mask, mode=self.config.vllm_importance_sampling_mode,
+                clip_min=self.config.vllm_importance_sampling_clip_min,
+                clip_max=self.config.vllm_importance_sampling_clip_max)
+            batch.extras["importance_sampling_ratio"] = ratio
+            stats.update({name: value.item() for name, value in
+                          mismatch.mismatch_metrics(old_logp, sampler_logp, batch.mask, ratio).items()})
+        return stats
 
     def _advantages(self, rewards: torch.Tensor, batch: RolloutBatch) -> torch.Tensor:
         if self.algo_config.scale_rewards == "batch" and distributed.world_size() > 1:
@@ -163,7 +186,8 @@ class GRPOAdapter(_GroupRelative):
         loss, metrics = losses.grpo_loss(
             hidden, weight, batch.completion_ids, batch.mask, batch.extras.get("old_logp"),
             batch.extras.get("ref_logp"), batch.extras["advantages"], config=self.algo_config,
-            temperature=self.temperature, bias=bias, num_items_in_batch=num_items_in_batch, with_entropy=True)
+            temperature=self.temperature, bias=bias, num_items_in_batch=num_items_in_batch,
+            importance_sampling_ratio=batch.extras.get("importance_sampling_ratio"), with_entropy=True)
         return loss * self._scale(gradient_accumulation_steps), metrics
 
 

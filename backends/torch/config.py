@@ -15,6 +15,8 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+from aha.algos.mismatch import check_correction
+
 Algo = Literal["grpo", "rloo", "ppo", "online_dpo"]
 LOSS_TYPES: dict[str, tuple[str, ...]] = {
     "grpo": ("grpo", "bnpo", "dr_grpo", "dapo", "cispo"), "rloo": (), "ppo": (), "online_dpo": ("sigmoid", "ipo")}
@@ -73,6 +75,27 @@ class TrainConfig:
     (seed, step, the prompt's place in the step's global batch), so samples do not depend on how prompts
     are split across processes or batched (rollout.SamplingParams.prompt_seeds; hf rollout only). None:
     "step" in one process, "prompt" across several (a stream seeded alike on every rank would correlate them)."""
+
+    # --- vLLM rollout (rollout="vllm"; backends/torch/vllm_rollout.py, spec/grpo.md §2.5; TRL names) ---
+    vllm_gpu_memory_utilization: float | None = None
+    """Fraction of the device's memory vLLM may take (its weights, activations and KV cache). None: computed at
+    start from the free memory, less the gradients and AdamW moments training keeps while vLLM is awake and a
+    5% headroom (vllm_rollout.gpu_memory_utilization). TRL's default is 0.3."""
+    vllm_max_num_seqs: int | None = None
+    """Most sequences vLLM decodes at once; None: one rollout's completions (prompts × num_generations)."""
+    vllm_enable_sleep_mode: bool = True
+    """Sleep after each rollout (level 1: KV cache dropped, weights parked in host memory) and wake before the
+    next, so training has the memory in between. TRL's default is False (its colocate mode then shares less)."""
+    vllm_importance_sampling_correction: bool = True
+    """GRPO with rollout="vllm": weight each token's policy loss by the sampler-to-trainer ratio (spec/grpo.md
+    §2.5; scores π_old before the update, one more forward pass). RLOO, PPO and Online DPO ignore it."""
+    vllm_importance_sampling_mode: Literal["token_truncate", "token_mask", "sequence_truncate",
+                                           "sequence_mask"] = "sequence_mask"
+    """Token or sequence ratios, truncated (clamped) or masked (zeroed) outside the bounds (spec/grpo.md eq. 12)."""
+    vllm_importance_sampling_clip_min: float | None = None
+    """C_min of the ratio; None = no lower bound."""
+    vllm_importance_sampling_clip_max: float | None = 3.0
+    """C_max of the ratio; None = no upper bound (a truncate mode needs at least one bound)."""
 
     # --- loss (TRL names; meaning in spec/) -------------------------------------------------------
     beta: float | None = None
@@ -194,6 +217,16 @@ class TrainConfig:
                               f"head is not sharded (got lora_r={self.lora_r}, algo={self.algo})")
         if self.ddp_timeout <= 0:
             raise ConfigError(f"ddp_timeout must be > 0 seconds, got {self.ddp_timeout}")
+        if self.vllm_gpu_memory_utilization is not None and not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ConfigError(f"vllm_gpu_memory_utilization must be in (0, 1] or None, got "
+                              f"{self.vllm_gpu_memory_utilization}")
+        if self.vllm_max_num_seqs is not None and self.vllm_max_num_seqs < 1:
+            raise ConfigError(f"vllm_max_num_seqs must be >= 1 or None, got {self.vllm_max_num_seqs}")
+        try:
+            check_correction(self.vllm_importance_sampling_mode, self.vllm_importance_sampling_clip_min,
+                             self.vllm_importance_sampling_clip_max)
+        except ValueError as error:
+            raise ConfigError(f"vllm_importance_sampling_{error}") from None
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ConfigError(f"reward_weights has {len(self.reward_weights)} entries for "
                               f"{len(self.reward_funcs)} reward_funcs")

@@ -59,13 +59,15 @@ def _policy_logprobs(hidden, weight, targets, mask, *, temperature, bias, implem
 def grpo_loss(
     hidden, weight, targets, mask, old_logp, ref_logp, advantages, *,
     config: grpo.GRPOConfig, temperature: float, bias=None, implementation: Implementation = "auto",
-    num_items_in_batch=None, with_entropy: bool = False,
+    num_items_in_batch=None, importance_sampling_ratio=None, with_entropy: bool = False,
 ):
-    """``aha.algos.grpo.loss`` on fused log-probs. advantages [B]; old_logp / ref_logp may be None."""
+    """``aha.algos.grpo.loss`` on fused log-probs. advantages [B]; old_logp / ref_logp may be None;
+    importance_sampling_ratio [B, T] or [B, 1] (the train/inference mismatch weight) or None."""
     logp, extra = _policy_logprobs(hidden, weight, targets, mask, temperature=temperature, bias=bias,
                                    implementation=implementation, with_entropy=with_entropy)
     value, metrics = grpo.loss(logp, old_logp, ref_logp, advantages, mask, config=config,
-                               num_items_in_batch=num_items_in_batch)
+                               num_items_in_batch=num_items_in_batch,
+                               importance_sampling_ratio=importance_sampling_ratio)
     return value, {**metrics, **extra}
 
 

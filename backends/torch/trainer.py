@@ -188,6 +188,8 @@ class Trainer:
         batch = collate_rollout(rollout.prompt_ids, rollout.completion_ids, rollout.is_truncated,
                                 pad_token_id=self.engine.pad_token_id,
                                 mask_truncated_completions=config.mask_truncated_completions)
+        if self.algorithm.corrects_mismatch:  # spec/grpo.md §2.5
+            batch.extras["sampler_logp"] = _pad_rows(rollout.sampler_logp, batch.completion_width)
         expanded_rows = [row for row in rows for _ in range(config.num_generations)]
         # Reward functions get the dataset's prompt as is (text or chat messages), as in TRL.
         prompts = [row["prompt"] for row in expanded_rows]
@@ -315,6 +317,7 @@ class Trainer:
                 fault = "a gradient norm that overflowed"
         if fault is None:
             self.optimizer.step()
+            self.engine.sync_weights(self.policy.generation_model)  # vLLM keeps its own copy of the weights
             self._bad_in_a_row = 0
         else:
             sums = {"loss": sums["loss"], "grad_norm": float("nan")}
@@ -476,6 +479,7 @@ class Trainer:
         self.skipped_steps = state["skipped_steps"]
         self.dataset.load_state_dict(state["data"])
         self.shuffle.set_state(torch.tensor(state["shuffle_rng"], dtype=torch.uint8))
+        self.engine.sync_weights(self.policy.generation_model)  # the restored weights, not the checkpoint's base
         # Checkpoints from before multi-process training have neither field: one process, this config's batch.
         saved_on = state.get("world_size", 1)
         saved_prompts = state.get("global_prompts_per_step", self.config.prompts_per_step)
@@ -531,6 +535,14 @@ def _make_engine(config: TrainConfig, policy, tokenizer):
         from .vllm_rollout import VLLMRolloutEngine
         return VLLMRolloutEngine.from_policy(policy, tokenizer, config)
     return HFRolloutEngine(policy.generation_model, tokenizer)
+
+
+def _pad_rows(rows: list[list[float]], width: int) -> torch.Tensor:
+    """[len(rows), width] float32, each row's values first and zeros after (right padding, as completions)."""
+    out = torch.zeros(len(rows), width)
+    for index, row in enumerate(rows):
+        out[index, :len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out
 
 
 def _shuffle_in_units(rows: int, unit: int, generator: torch.Generator) -> torch.Tensor:

@@ -15,8 +15,10 @@ from ..targets import Call, Output
 
 def _grpo_loss(target, call: Call):
     d, p = call.data, call.prepared
+    # The train/inference mismatch weight is passed only to the cases that have one (spec/grpo.md §2.5).
+    correction = {k: p[k] for k in ("importance_sampling_ratio",) if k in p}
     return target(call.logp, d.get("old_logp"), d.get("ref_logp"), p["advantages"], d["mask"], config=call.config,
-                  num_items_in_batch=d.get("num_items_in_batch"))
+                  num_items_in_batch=d.get("num_items_in_batch"), **correction)
 
 
 def _rloo_loss(target, call: Call):

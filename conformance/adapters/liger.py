@@ -22,7 +22,8 @@ class GRPO:
     """`LigerFusedLinearGRPOLoss` (liger_kernel/chunked_loss/grpo_loss.py): the GRPO loss with TRL's loss
     types, the spec's advantages given. aha config -> Liger: epsilon -> epsilon_low, epsilon_high (or epsilon)
     -> epsilon_high (for cispo the absolute cap, as TRL and aha), delta -> delta, beta -> beta with the given
-    reference log-probs, num_items_in_batch -> num_items_in_batch (dapo, cispo)."""
+    reference log-probs, num_items_in_batch -> num_items_in_batch (dapo, cispo), the train/inference mismatch
+    weight ρ^IS (spec/grpo.md §2.5, prepared by the spec) -> vllm_is_ratio."""
 
     name = "liger-grpo"
     algos = ("grpo",)
@@ -50,6 +51,7 @@ class GRPO:
             call.hidden, call.weight, call.targets, call.mask, call.prepared["advantages"], bias=call.bias,
             ref_per_token_logps=data.get("ref_logp") if config.beta != 0 else None,
             old_per_token_logps=data.get("old_logp"), num_items_in_batch=data.get("num_items_in_batch"),
+            vllm_is_ratio=call.prepared.get("importance_sampling_ratio"),
         )
         # Liger's metrics, in order: the k3 token mean (only when beta != 0), the clipped-token fraction.
         names = (["kl"] if config.beta != 0 else []) + [

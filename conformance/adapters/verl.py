@@ -14,6 +14,7 @@ arguments its trainer passes (cited per line), and maps aha's config onto verl's
 | `epsilon`, `epsilon_high`               | `clip_ratio_low`, `clip_ratio_high` (cispo: 1 and cap - 1: upper-only) |
 | `delta` (two-sided clip)                | `clip_ratio_c` (dual clip; the same for delta > 1 + eps_high); none -> inf |
 | `beta` (k3 in the loss)                 | `use_kl_loss`, `kl_loss_coef`, `kl_loss_type` low_var_kl          |
+| mismatch weight ρ^IS (spec/grpo.md §2.5) | `rollout_is_weights` of the policy loss, [B, T] (sequence modes broadcast) |
 | PPO `kl_estimator` k1 / k3              | `kl_penalty` kl / low_var_kl, `kl_ctrl` fixed at `kl_coef`        |
 | PPO `dual_clip` c / none                | `clip_ratio_c` c / inf (verl's default 3 is always on)            |
 
@@ -80,6 +81,10 @@ class GRPO:
             return "verl's gspo loss has no dual clip (delta)"
         if config.delta is not None and config.delta <= 1 + config.clip_high:
             return "delta <= 1 + epsilon_high acts on positive advantages too; verl's dual clip does not"
+        correction = case.options.get("correction")
+        if config.importance_sampling_level == "sequence" and correction and correction[0].startswith("token"):
+            return ("verl's gspo loss is GSPO-token (each token's gradient weighted by its own rollout_is_weights); "
+                    "with token-level mismatch weights GSPO's gradient shares the row's summed weight")
         return None
 
     def __call__(self, core_algos, call: Call) -> Output:
@@ -114,9 +119,11 @@ class GRPO:
         loss_mode = "cispo" if cispo else ("gspo" if config.importance_sampling_level == "sequence" else "vanilla")
         response_mask = call.mask > 0
         old_logp = data["old_logp"] if "old_logp" in data else call.logp.detach()
+        ratio = call.prepared.get("importance_sampling_ratio")
         loss, pg_metrics = core_algos.get_policy_loss_fn(loss_mode)(
             old_log_prob=old_logp, log_prob=call.logp, advantages=token_advantages, response_mask=response_mask,
-            loss_agg_mode=mode, config=actor)
+            loss_agg_mode=mode, config=actor,
+            rollout_is_weights=None if ratio is None else ratio.expand_as(call.mask))
         if actor.use_kl_loss:
             kld = core_algos.kl_penalty(logprob=call.logp, ref_logprob=data["ref_logp"], kl_penalty=actor.kl_loss_type)
             loss = loss + core_algos.agg_loss(loss_mat=kld, loss_mask=response_mask, loss_agg_mode=mode,

@@ -75,14 +75,57 @@ def _batch_mean_advantages(case):
         yield
 
 
+@contextmanager
+def _mismatch_perturbed(case, how):
+    """The train/inference mismatch ratio (spec/grpo.md eqs. 11–12) with a plausible bug: "unmasked" lets padding
+    into Δ; "mean" takes the sequence ratio as GSPO's geometric mean instead of the product; "reset" gives in-range
+    ratios 1 in the mask modes (trl.md §2.13 quirk 7)."""
+    from array_api_compat import array_namespace
+
+    from aha.algos import mismatch
+
+    original = mismatch.importance_sampling_ratio
+
+    def ratio(old_logp, sampler_logp, mask, *, mode, clip_min, clip_max):
+        xp = array_namespace(old_logp)
+        if how == "unmasked":
+            mask = xp.ones_like(mask)
+        if how == "mean" and mode.startswith("sequence"):
+            count = xp.clip(xp.sum(xp.astype(mask, old_logp.dtype), axis=-1, keepdims=True), min=1.0)
+            sampler_logp = old_logp - (old_logp - sampler_logp) / count
+        out = original(old_logp, sampler_logp, mask, mode=mode, clip_min=clip_min, clip_max=clip_max)
+        if how == "reset" and mode.endswith("_mask"):
+            out = xp.where(out > 0, xp.ones_like(out), out)
+        return out
+
+    with mock.patch.object(mismatch, "importance_sampling_ratio", ratio):
+        yield
+
+
+@pytest.mark.parametrize("how", ["unmasked", "mean", "reset"])
+def test_mismatch_ratio_bugs_are_caught(how):
+    cases = [c for c in registry.all_cases(["grpo"]) if "correction" in c.options]
+    assert cases and _statuses(cases, _plain()) == {"pass"}
+    results = suite.run(cases, [_perturbed(lambda case: _mismatch_perturbed(case, how))])
+    failed = {c.quantity for r in results if r.backend == "perturbed" for c in r.failed}
+    assert {"output:importance_sampling_ratio", "loss"} <= failed
+
+
 def test_epsilon_plus_1e3_fails_every_off_policy_grpo_case_in_float64():
     """ε is seen only by tokens clipped below 1 - ε with A < 0; the registry puts one in every off-policy case
-    (problems.visit_every_region), so each must fail. CISPO has no ε; on-policy ratios are 1."""
+    (problems.visit_every_region), so each must fail. CISPO has no ε; on-policy ratios are 1; a batch whose
+    active rows have no negative advantage (NaN rewards: every scorable group of one) has no such token."""
     cases = _cases("grpo")
     assert _statuses(cases, _plain("float64")) == {"pass"}
     results = suite.run(cases, [_perturbed(_epsilon_plus, "float64")])
     status = {r.case: r.status for r in results if r.backend == "perturbed"}
-    exposed = [c.name for c in cases if not c.options["on_policy"] and c.config.loss_type != "cispo"]
+
+    def negative_advantage(case):
+        advantages = case.problem.prepare(case.inputs.data, case.config, case.num_generations)["advantages"]
+        return bool(((advantages < 0) & case.inputs.mask.any(-1)).any())
+
+    exposed = [c.name for c in cases if not c.options["on_policy"] and c.config.loss_type != "cispo"
+               and negative_advantage(c)]
     assert exposed and all(status[name] == "fail" for name in exposed)
 
 

@@ -91,3 +91,36 @@ def test_tolerance_table_has_every_dtype_and_a_source():
         assert tol.source.strip(), name
     for prefix in ("", "pipeline/"):
         assert tolerance(f"{prefix}float64").rtol < tolerance(f"{prefix}float32").rtol < tolerance(f"{prefix}bfloat16").rtol
+
+
+def test_appended_variants_come_last_and_move_no_other_case():
+    """Appended variants (GRPO's mismatch correction) are dealt after the covering set by their own permutation:
+    the covering cases are exactly the registry's without them."""
+    from unittest import mock
+
+    grpo = problems.PROBLEMS["grpo"]
+    with_appended = registry.all_cases(["grpo"])
+    with mock.patch.object(grpo, "appended_variants", lambda: []):
+        without = registry.all_cases(["grpo"])
+    assert [c.name for c in with_appended[:len(without)]] == [c.name for c in without]
+    appended = with_appended[len(without):]
+    assert len(appended) == 2 * len(grpo.corrections)
+    assert all("correction" in c.options and ",correction=" in c.variant for c in appended)
+
+
+def test_sampler_log_ratios_keep_off_the_correction_bounds_and_cross_them(cases):
+    """log π_old - log π_sampler, per token or per row sum as the mode thresholds, sits RATIO_MARGIN away from
+    log C_min and log C_max, and some token or row lies beyond a bound in every case."""
+    for case in (c for c in cases if "correction" in c.options):
+        data = case.inputs.data
+        mode, clip_min, clip_max = case.options["correction"]
+        mask = data["mask"] > 0
+        d = np.where(mask, data["old_logp"] - data["sampler_logp"], 0.0)
+        stats = d[mask] if mode.startswith("token") else d.sum(-1)[mask.any(-1)]
+        bounds = [math.log(b) for b in (clip_min, clip_max) if b is not None]
+        slack = 6 * 1.2e-7 * max(1.0, float(np.abs(data["old_logp"]).max()))
+        for bound in bounds:
+            assert np.all(np.abs(stats - bound) >= problems.RATIO_MARGIN - slack), case.name
+        beyond = (stats < math.log(clip_min)) if clip_min is not None else np.zeros_like(stats, bool)
+        beyond |= (stats > math.log(clip_max)) if clip_max is not None else False
+        assert beyond.any(), case.name

@@ -64,7 +64,8 @@ def test_batch_mean_instead_of_group_mean_fails_exactly_the_batch_scaled_variant
     assert len(lines) == len(failing) and all(" FAIL " in line and "output:advantages" in line for line in lines)
 
 
-def dr_grpo_over_token_count(logp, old_logp, ref_logp, advantages, mask, *, config, num_items_in_batch=None):
+def dr_grpo_over_token_count(logp, old_logp, ref_logp, advantages, mask, *, config, num_items_in_batch=None,
+                             importance_sampling_ratio=None):
     """The GRPO loss with dr_grpo normalized by the active-token count instead of B · max_completion_length."""
     import dataclasses
 
@@ -72,7 +73,8 @@ def dr_grpo_over_token_count(logp, old_logp, ref_logp, advantages, mask, *, conf
 
     if config.loss_type == "dr_grpo":
         config = dataclasses.replace(config, loss_type="bnpo")
-    return grpo.loss(logp, old_logp, ref_logp, advantages, mask, config=config, num_items_in_batch=num_items_in_batch)
+    return grpo.loss(logp, old_logp, ref_logp, advantages, mask, config=config, num_items_in_batch=num_items_in_batch,
+                     importance_sampling_ratio=importance_sampling_ratio)
 
 
 def test_wrong_normalizer_fails_exactly_the_dr_grpo_variants_on_the_loss():
