@@ -87,7 +87,7 @@ def _train(args: argparse.Namespace) -> int:
     from aha.backends.torch.checkpoint import CheckpointError
     from aha.backends.torch.config import ConfigError, TrainConfig
     from aha.backends.torch.data import DatasetError
-    from aha.backends.torch.distributed import RankLostError
+    from aha.backends.torch.distributed import RankLostError, shutdown
     from aha.backends.torch.rewards import RewardFunctionError
     from aha.backends.torch.trainer import NonFiniteLossError, Trainer
 
@@ -100,6 +100,7 @@ def _train(args: argparse.Namespace) -> int:
         config = TrainConfig.from_dict(with_demo_defaults({**values, **overrides}),
                                        source=config_path or "command line")
         Trainer(config).train()
+        shutdown()  # leave torchrun's process group (several processes); nothing in one process
     except (ConfigError, DatasetError, RewardFunctionError, CheckpointError, ChatTemplateError,
             NonFiniteLossError, torch.OutOfMemoryError, FileNotFoundError, RankLostError) as error:
         # Bad input and faults the run cannot get past: one clear message, no traceback.

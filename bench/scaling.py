@@ -11,8 +11,9 @@ instead, keeping the global batch). The first step is a warm-up; the table is ov
     python bench/scaling.py --size real --processes 1 2     # GPUs (NCCL)
     python bench/scaling.py --size tiny --processes 1 2     # CPU smoke test (gloo, one thread per process)
 
-Each N is one `torchrun --standalone --nproc-per-node N bench/scaling.py --worker ...`; rank 0 writes its
-steps, and this script prints a table and writes $OUT/scaling.json (or --out) after every N.
+Run from the repository root. Each N is one `torchrun --standalone --nproc-per-node N bench/scaling.py
+--worker ...`; rank 0 writes its steps, and this script prints a table and writes $OUT/scaling.json (or
+--out) after every N.
 """
 
 from __future__ import annotations

@@ -29,7 +29,8 @@ What is split, and why the step stays the single-process step on the union (P pr
   the process-group timeout (config.ddp_timeout) fires; torchrun's agent also stops the survivors when one
   process exits with an error.
 - Output: metrics are combined over ranks (`combine_metrics`); only rank 0 writes metrics (samples: its
-  own share), plots, checkpoints, summaries and prints.
+  own share), plots, checkpoints, summaries and prints. Every rank evaluates the same held-out rows (under
+  FSDP generation is collective) and rank 0 reports.
 
 Known difference from one process: PPO whitens advantages (and whiten_rewards) over each rank's rows, as
 TRL does per process; torch's RNG (dropout) is seeded alike on every rank.
@@ -130,10 +131,16 @@ def own_rows(gathered: torch.Tensor) -> torch.Tensor:
     return gathered[rank() * size:(rank() + 1) * size]
 
 
+BUCKET_ELEMENTS = 1 << 26
+"""Most gradient elements per all-reduce (256 MiB of float32): one flat buffer per bucket, so LoRA's adapter
+goes in one call and full fine-tuning never holds a second copy of every gradient."""
+
+
 def average_gradients(params: Sequence[torch.Tensor]) -> None:
-    """Replace the gradient of every replicated parameter by its mean over ranks, in one flat all-reduce
-    per dtype. Sharded (DTensor) parameters are left alone: FSDP reduced them during backward. A parameter
-    without a gradient on some ranks counts as 0 there; one without a gradient anywhere keeps None."""
+    """Replace the gradient of every replicated parameter by its mean over ranks, in flat all-reduces of
+    parameters of one dtype (up to BUCKET_ELEMENTS each). Sharded (DTensor) parameters are left alone: FSDP
+    reduced them during backward. A parameter without a gradient on some ranks counts as 0 there; one
+    without a gradient anywhere keeps None."""
     if world_size() == 1:
         return
     from torch.distributed.tensor import DTensor
@@ -146,14 +153,28 @@ def average_gradients(params: Sequence[torch.Tensor]) -> None:
     for p in active:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    for dtype in dict.fromkeys(p.grad.dtype for p in active):
-        group = [p for p in active if p.grad.dtype == dtype]
+    for group in _buckets(active):
         flat = torch.cat([p.grad.reshape(-1).to(_comm_device()) for p in group])
         with _collective("averaging gradients"):
             dist.all_reduce(flat)
         flat /= world_size()
         for p, piece in zip(group, flat.split([p.numel() for p in group])):
             p.grad.copy_(piece.view_as(p.grad))
+
+
+def _buckets(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Parameters of one gradient dtype in order, at most BUCKET_ELEMENTS per bucket (or one parameter)."""
+    buckets = []
+    for dtype in dict.fromkeys(p.grad.dtype for p in params):
+        bucket, size = [], 0
+        for p in (p for p in params if p.grad.dtype == dtype):
+            if bucket and size + p.numel() > BUCKET_ELEMENTS:
+                buckets.append(bucket)
+                bucket, size = [], 0
+            bucket.append(p)
+            size += p.numel()
+        buckets.append(bucket)
+    return buckets
 
 
 def broadcast_parameters(params: Sequence[torch.Tensor]) -> None:
@@ -165,6 +186,12 @@ def broadcast_parameters(params: Sequence[torch.Tensor]) -> None:
             buffer = p.data.to(_comm_device())
             dist.broadcast(buffer, src=0)
             p.data.copy_(buffer)
+
+
+def shutdown() -> None:
+    """Leave the process group at the end of a run (NCCL warns about a process that exits without)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier() -> None:

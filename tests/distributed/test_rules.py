@@ -107,3 +107,14 @@ def test_one_process_helpers_are_the_identity():
 ])
 def test_metrics_combine_by_meaning(name, values, combined):
     assert distributed._combine(name, values) == combined
+
+
+def test_gradients_are_averaged_in_buckets_of_one_dtype(monkeypatch):
+    monkeypatch.setattr(distributed, "BUCKET_ELEMENTS", 10)
+    params = [torch.zeros(n, dtype=dtype) for n, dtype in [(4, torch.float32), (4, torch.float32), (3, torch.bfloat16),
+                                                          (4, torch.float32), (12, torch.float32)]]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    buckets = distributed._buckets(params)
+    position = {id(p): index for index, p in enumerate(params)}
+    assert [[position[id(p)] for p in bucket] for bucket in buckets] == [[0, 1], [3], [4], [2]]
