@@ -85,6 +85,17 @@ def check_mask(mask: Array, like: Array, name: str = "mask") -> None:
         raise ValueError(f"{name}: expected bool or {like.dtype} (the dtype of the log-probs), got {mask.dtype}")
 
 
+def check_clipped_surrogate_config(config: Any) -> None:
+    """Ranges shared by the configs of clipped-surrogate algorithms (GRPO, RLOO); messages name the field."""
+    if not 0 <= config.epsilon < 1:
+        raise ValueError(f"epsilon: expected 0 <= epsilon < 1, got {config.epsilon}")
+    if config.epsilon_high is not None and config.epsilon_high < 0:
+        raise ValueError(f"epsilon_high: expected >= 0, got {config.epsilon_high}")
+    for name in ("beta", "advantage_epsilon", "std_ddof"):
+        if getattr(config, name) < 0:
+            raise ValueError(f"{name}: expected >= 0, got {getattr(config, name)}")
+
+
 def check_group_size(batch_size: int, num_generations: int) -> None:
     """Groups are contiguous rows [kG, (k+1)G): G must be a positive integer dividing B."""
     if not isinstance(num_generations, int) or num_generations < 1:

@@ -19,6 +19,7 @@ from ._common import (
     aggregate,
     as_bool,
     as_float,
+    check_clipped_surrogate_config,
     check_float,
     check_group_size,
     check_mask,
@@ -66,18 +67,9 @@ class GRPOConfig:
             raise ValueError(
                 f"importance_sampling_level: unknown {self.importance_sampling_level!r}; expected 'token' or 'sequence'"
             )
-        if not 0 <= self.epsilon < 1:
-            raise ValueError(f"epsilon: expected 0 <= epsilon < 1, got {self.epsilon}")
-        if self.epsilon_high is not None and self.epsilon_high < 0:
-            raise ValueError(f"epsilon_high: expected >= 0, got {self.epsilon_high}")
+        check_clipped_surrogate_config(self)
         if self.delta is not None and self.delta <= 1:
             raise ValueError(f"delta: expected > 1 (INTELLECT-2 recommends > 1 + epsilon_high), got {self.delta}")
-        if self.beta < 0:
-            raise ValueError(f"beta: expected >= 0, got {self.beta}")
-        if self.advantage_epsilon < 0:
-            raise ValueError(f"advantage_epsilon: expected >= 0, got {self.advantage_epsilon}")
-        if self.std_ddof < 0:
-            raise ValueError(f"std_ddof: expected >= 0, got {self.std_ddof}")
         if self.max_completion_length < 1:
             raise ValueError(f"max_completion_length: expected >= 1, got {self.max_completion_length}")
 

@@ -19,6 +19,7 @@ from ._common import (
     Metrics,
     as_bool,
     as_float,
+    check_clipped_surrogate_config,
     check_float,
     check_group_size,
     check_mask,
@@ -58,18 +59,9 @@ class RLOOConfig:
     def __post_init__(self):
         if self.kl_in not in ("reward", "loss"):
             raise ValueError(f"kl_in: unknown {self.kl_in!r}; expected 'reward' or 'loss'")
-        if self.beta < 0:
-            raise ValueError(f"beta: expected >= 0, got {self.beta}")
-        if not 0 <= self.epsilon < 1:
-            raise ValueError(f"epsilon: expected 0 <= epsilon < 1, got {self.epsilon}")
-        if self.epsilon_high is not None and self.epsilon_high < 0:
-            raise ValueError(f"epsilon_high: expected >= 0, got {self.epsilon_high}")
+        check_clipped_surrogate_config(self)
         if self.reward_clip_range is not None and not self.reward_clip_range[0] <= self.reward_clip_range[1]:
             raise ValueError(f"reward_clip_range: expected (low, high) with low <= high, got {self.reward_clip_range}")
-        if self.advantage_epsilon < 0:
-            raise ValueError(f"advantage_epsilon: expected >= 0, got {self.advantage_epsilon}")
-        if self.std_ddof < 0:
-            raise ValueError(f"std_ddof: expected >= 0, got {self.std_ddof}")
 
     @property
     def clip_high(self) -> float:
