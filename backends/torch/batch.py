@@ -74,3 +74,18 @@ def collate_rollout(prompt_ids: list[list[int]], completion_ids: list[list[int]]
     return RolloutBatch(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
                         completion_ids=input_ids[:, width_p:], mask=mask, completion_lengths=lengths,
                         truncated=truncated_t)
+
+
+def pad_rows(rows: list[list[float]], width: int) -> torch.Tensor:
+    """[len(rows), width] float32, each row's values first and zeros after (right padding, as completions)."""
+    out = torch.zeros(len(rows), width)
+    for index, row in enumerate(rows):
+        out[index, :len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out
+
+
+def shuffle_in_units(rows: int, unit: int, generator: torch.Generator) -> torch.Tensor:
+    """A random order of `rows` rows that keeps blocks of `unit` contiguous rows together and in order
+    (unit 1 is exactly `torch.randperm(rows)`)."""
+    blocks = torch.randperm(rows // unit, generator=generator)
+    return (blocks[:, None] * unit + torch.arange(unit)).flatten()

@@ -1,4 +1,5 @@
-"""One training loop for every algorithm (the adapter in algorithms.py holds what differs).
+"""One training loop for every algorithm (the adapter in algorithms.py holds what differs; setup.py
+builds what the loop starts from).
 
 One optimizer step (TRL's semantics, spec/common.md "Batching"):
     every `num_iterations` steps: sample prompts -> rollout G each -> rewards -> advantages
@@ -14,6 +15,9 @@ as many sequences per pass; SIGINT/SIGTERM finish the step, save and return.
 
 Several processes (torchrun): each rank rolls out its share of the step's prompts and the gradients are
 averaged; distributed.py says how the step stays the single-process step on the union.
+
+Over 500 lines on purpose: the step, its fault handling (skip, OOM retry, signals) and the
+distributed hooks share the step's state; split apart they would pass that state around.
 """
 
 from __future__ import annotations
@@ -22,10 +26,8 @@ import dataclasses
 import gc
 import json
 import math
-import random
 import signal
 import threading
-import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -34,12 +36,12 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from . import distributed, sharding
-from .algorithms import make_algorithm, needs_reference_model
-from .batch import RolloutBatch, collate_rollout
+from . import distributed, setup, sharding
+from .algorithms import make_algorithm
+from .batch import RolloutBatch, collate_rollout, pad_rows, shuffle_in_units
 from .chat import render_prompt
 from .config import TrainConfig
-from .data import DatasetError, PromptDataset, load_prompt_dataset
+from .data import DatasetError
 from .logprobs import token_logprobs
 from .models import load_policy
 from .rewards import ReportsMetrics, compute_rewards, load_reward_function, reward_names
@@ -55,10 +57,10 @@ class NonFiniteLossError(RuntimeError):
 class Trainer:
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
-        _seed_everything(config.seed)
+        setup.seed_everything(config.seed)
         self.run_dir = Path(config.output_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        model_path, self.dataset, self.eval_rows = _resolve_task(config)
+        model_path, self.dataset, self.eval_rows = setup.resolve_task(config)
         if self.dataset.skipped_rows:
             label, reason = self.dataset.skipped_rows[0]
             warnings.warn(f"{self.dataset.source}: skipped {len(self.dataset.skipped_rows)} malformed rows "
@@ -66,18 +68,18 @@ class Trainer:
         distributed.init_from_env(timeout=config.ddp_timeout)
         self.policy = load_policy(model_path, dtype=config.dtype, lora_r=config.lora_r,
                                   lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                                  lora_target_modules=_targets(config.lora_target_modules),
+                                  lora_target_modules=setup.lora_targets(config.lora_target_modules),
                                   load_in_4bit=config.load_in_4bit,
                                   gradient_checkpointing=config.gradient_checkpointing,
-                                  reference_copy=_reference_copy(config), device=distributed.device())
+                                  reference_copy=setup.reference_copy(config), device=distributed.device())
         if config.fsdp and distributed.world_size() > 1:
-            sharding.shard_policy(self.policy, needs_reference=_reference_copy(config) != "none")
+            sharding.shard_policy(self.policy, needs_reference=setup.reference_copy(config) != "none")
         self.tokenizer = self.policy.tokenizer
         self.reward_fns = [load_reward_function(spec) for spec in config.reward_funcs]
         self.reward_names = reward_names(self.reward_fns)
         self.algorithm = make_algorithm(config, len(self.reward_fns), hidden_size=self.policy.lm_head_weight.shape[1],
                                         device=self.policy.device)
-        self.engine = _make_engine(config, self.policy, self.tokenizer)
+        self.engine = setup.make_engine(config, self.policy, self.tokenizer)
         self.sampling = SamplingParams(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
                                        min_p=config.min_p, max_tokens=config.max_completion_length,
                                        seed=config.seed)
@@ -86,8 +88,8 @@ class Trainer:
         self.trainable = [*self.policy.trainable_parameters(), *(p for group in extra_groups for p in group["params"])]
         if self.policy.sharded is None:  # replicated weights start alike on every process
             distributed.broadcast_parameters(self.trainable)
-        self.optimizer = _make_optimizer(config, [{"params": self.policy.trainable_parameters()}, *extra_groups])
-        self.scheduler = _make_scheduler(config, self.optimizer)
+        self.optimizer = setup.make_optimizer(config, [{"params": self.policy.trainable_parameters()}, *extra_groups])
+        self.scheduler = setup.make_scheduler(config, self.optimizer)
         self.logger = (MetricsLogger(self.run_dir, logging_steps=config.logging_steps, total_steps=config.max_steps)
                        if distributed.is_main() else distributed.NullLogger())
         self._global_prompts_per_step = config.prompts_per_step * distributed.world_size()
@@ -189,7 +191,7 @@ class Trainer:
                                 pad_token_id=self.engine.pad_token_id,
                                 mask_truncated_completions=config.mask_truncated_completions)
         if self.algorithm.corrects_mismatch:  # spec/grpo.md §2.5
-            batch.extras["sampler_logp"] = _pad_rows(rollout.sampler_logp, batch.completion_width)
+            batch.extras["sampler_logp"] = pad_rows(rollout.sampler_logp, batch.completion_width)
         expanded_rows = [row for row in rows for _ in range(config.num_generations)]
         # Reward functions get the dataset's prompt as is (text or chat messages), as in TRL.
         prompts = [row["prompt"] for row in expanded_rows]
@@ -295,7 +297,7 @@ class Trainer:
         function of the step number (as after a resume).
         """
         config = self.config
-        order = _shuffle_in_units(len(batch), self.algorithm.micro_batch_unit, self.shuffle)
+        order = shuffle_in_units(len(batch), self.algorithm.micro_batch_unit, self.shuffle)
         random_state = _rng_states()
 
         # N of dapo/cispo: the active tokens of the whole step, on every process (spec/common.md eq. 6).
@@ -503,79 +505,6 @@ def _announce(message: str) -> None:
         print(message, flush=True)
 
 
-def _resolve_task(config: TrainConfig):
-    """Model path, training dataset and held-out rows; the embedded demo fills what is not given."""
-    from . import demo
-
-    model_path = config.model or str(demo.build_demo_model())
-    if config.dataset:
-        dataset = load_prompt_dataset(config.dataset, prompt_field=config.prompt_field,
-                                      answer_field=config.answer_field, skip_bad_rows=config.skip_bad_rows,
-                                      seed=config.seed)
-    else:
-        dataset = PromptDataset(demo.demo_dataset("train", demo.TRAIN_ROWS, seed=config.seed), source="demo",
-                                seed=config.seed)
-    if config.eval_dataset:
-        eval_rows = load_prompt_dataset(config.eval_dataset, prompt_field=config.prompt_field,
-                                        answer_field=config.answer_field).rows[:config.eval_samples]
-    elif not config.dataset:
-        eval_rows = demo.demo_dataset("test", config.eval_samples, seed=config.seed)
-    else:
-        eval_rows = []
-    return model_path, dataset, eval_rows
-
-
-def _reference_copy(config: TrainConfig) -> str:
-    """Full fine-tuning has no adapter to switch off: keep a frozen copy when the run needs a reference."""
-    return "device" if config.lora_r == 0 and needs_reference_model(config) else "none"
-
-
-def _make_engine(config: TrainConfig, policy, tokenizer):
-    if config.rollout == "vllm":
-        from .vllm_rollout import VLLMRolloutEngine
-        return VLLMRolloutEngine.from_policy(policy, tokenizer, config)
-    return HFRolloutEngine(policy.generation_model, tokenizer)
-
-
-def _pad_rows(rows: list[list[float]], width: int) -> torch.Tensor:
-    """[len(rows), width] float32, each row's values first and zeros after (right padding, as completions)."""
-    out = torch.zeros(len(rows), width)
-    for index, row in enumerate(rows):
-        out[index, :len(row)] = torch.tensor(row, dtype=torch.float32)
-    return out
-
-
-def _shuffle_in_units(rows: int, unit: int, generator: torch.Generator) -> torch.Tensor:
-    """A random order of `rows` rows that keeps blocks of `unit` contiguous rows together and in order
-    (unit 1 is exactly `torch.randperm(rows)`)."""
-    blocks = torch.randperm(rows // unit, generator=generator)
-    return (blocks[:, None] * unit + torch.arange(unit)).flatten()
-
-
-def _make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
-    params = list(params)
-    if config.optim == "adamw_8bit":
-        import bitsandbytes as bnb
-        return bnb.optim.AdamW8bit(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-
-
-def _make_scheduler(config: TrainConfig, optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-    warmup, total = config.warmup_steps, config.max_steps
-
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        if config.lr_scheduler_type == "linear":
-            return max(0.0, 1.0 - progress)
-        if config.lr_scheduler_type == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 def _gradients_finite(params: list[torch.Tensor]) -> bool:
     grads = [p.grad for p in params if p.grad is not None]
     return not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all())
@@ -590,13 +519,3 @@ def _set_rng_states(states: tuple[torch.Tensor, list[torch.Tensor]]) -> None:
     torch.set_rng_state(states[0])
     if states[1]:
         torch.cuda.set_rng_state_all(states[1])
-
-
-def _targets(modules: tuple[str, ...]) -> str | list[str]:
-    return "all-linear" if tuple(modules) == ("all-linear",) else list(modules)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)

@@ -19,7 +19,7 @@ from aha.backends.torch.batch import collate_rollout
 from aha.backends.torch.config import ConfigError
 from aha.backends.torch.logprobs import token_logprobs
 from aha.backends.torch.tracking import read_metrics
-from aha.backends.torch.trainer import _shuffle_in_units
+from aha.backends.torch.batch import shuffle_in_units
 from aha.conformance.tolerances import tolerance
 
 REQUIRED_METRICS = {
@@ -166,9 +166,9 @@ def test_loss_type_and_pair_layout_are_validated_per_algorithm():
 
 
 def test_shuffle_keeps_groups_together():
-    order = _shuffle_in_units(12, 4, torch.Generator().manual_seed(0))
+    order = shuffle_in_units(12, 4, torch.Generator().manual_seed(0))
     blocks = order.view(3, 4)
     assert sorted(order.tolist()) == list(range(12))
     assert all(block.tolist() == list(range(block[0], block[0] + 4)) and block[0] % 4 == 0 for block in blocks)
-    assert torch.equal(_shuffle_in_units(12, 1, torch.Generator().manual_seed(0)),
+    assert torch.equal(shuffle_in_units(12, 1, torch.Generator().manual_seed(0)),
                        torch.randperm(12, generator=torch.Generator().manual_seed(0)))
