@@ -32,7 +32,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from . import sandbox
+from . import reward_model, sandbox
 
 RewardFn = Callable[..., list[float | None]]
 REWARD_FUNCTIONS: dict[str, RewardFn] = {}
@@ -206,11 +206,14 @@ REWARD_FUNCTIONS["code_execution"] = CodeExecutionReward()
 # --- loading and naming ------------------------------------------------------------------------
 
 def load_reward_function(spec: str | RewardFn) -> RewardFn:
-    """A callable as is; a built-in name; "package.module:function"; or "path/to/file.py:function"."""
+    """A callable as is; a built-in name; "reward_model:PATH_OR_HUB_ID" (a sequence-classification
+    model, reward_model.py); "package.module:function"; or "path/to/file.py:function"."""
     if callable(spec):
         return spec
     if spec in REWARD_FUNCTIONS:
         return REWARD_FUNCTIONS[spec]
+    if spec.startswith(reward_model.PREFIX):
+        return reward_model.RewardModel(spec[len(reward_model.PREFIX):])
     if ":" not in spec:
         raise ValueError(f"unknown reward function {spec!r}; built-ins: {sorted(REWARD_FUNCTIONS)}, "
                          "or 'module:function' / 'path/to/file.py:function'")
