@@ -116,12 +116,20 @@ class Trainer:
         handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
         previous = {signum: signal.signal(signum, self._request_stop) for signum in handled}
         try:
-            while self.step < config.max_steps and not distributed.any_rank(self._stop_requested):
+            # Checkpoints and stops fall on generation-cycle boundaries (step % num_iterations == 0): the
+            # generation batch is not saved, so a resume mid-cycle could not continue it exactly.
+            save_due = False
+            while self.step < config.max_steps:
+                at_boundary = self.step % config.num_iterations == 0
+                if at_boundary and distributed.any_rank(self._stop_requested):
+                    break
                 metrics = distributed.combine_metrics(self.train_step())
                 self.step += 1
                 self.logger.log(self.step, metrics)
-                if config.save_steps and self.step % config.save_steps == 0:
+                save_due |= bool(config.save_steps) and self.step % config.save_steps == 0
+                if save_due and self.step % config.num_iterations == 0:
                     self.save()
+                    save_due = False
             self.save()  # still under the handlers: a signal now only asks for what is already happening
         finally:
             for signum, handler in previous.items():
@@ -247,9 +255,19 @@ class Trainer:
 
     @torch.no_grad()
     def _score(self, batch: RolloutBatch) -> dict[str, float]:
-        """Log-probs of the sampling policy (when updates go off-policy) and of the reference."""
+        """Log-probs of the sampling policy (when updates go off-policy) and of the reference, in eval
+        mode (no dropout), as the sampler saw the policy; the training mode is restored after."""
         metrics: dict[str, float] = {}
         size = self.config.per_device_train_batch_size
+        training = self.policy.model.training
+        self.policy.model.eval()
+        try:
+            self._score_into(batch, size)
+        finally:
+            self.policy.model.train(training)
+        return metrics
+
+    def _score_into(self, batch: RolloutBatch, size: int) -> None:
         if self.algorithm.needs_old_logp:
             batch.extras["old_logp"] = self._halving_on_oom(
                 "scoring", size, lambda rows: self._logprobs(batch, reference=False, size=rows),
@@ -258,7 +276,6 @@ class Trainer:
             batch.extras["ref_logp"] = self._halving_on_oom(
                 "scoring", size, lambda rows: self._logprobs(batch, reference=True, size=rows),
                 unit="completions per pass")
-        return metrics
 
     def _logprobs(self, batch: RolloutBatch, *, reference: bool, size: int) -> torch.Tensor:
         """Log-probs [B, T] at the algorithm's temperature; the policy pass also stores what the algorithm
@@ -268,9 +285,10 @@ class Trainer:
             part = batch.select(torch.arange(start, min(start + size, len(batch))))
             with self.policy.reference() if reference else nullcontext():
                 hidden = self._hidden(part)
+                # Inside the block: under full fine-tuning the reference has its own (frozen) LM head.
+                weight, bias = self.policy.lm_head_weight, self.policy.lm_head_bias
             if not reference:
                 scored.append({name: value.cpu() for name, value in self.algorithm.score(hidden, part).items()})
-            weight, bias = self.policy.lm_head_weight, self.policy.lm_head_bias
             logp = token_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight,
                                   part.completion_ids.reshape(-1).to(hidden.device), bias=bias,
                                   temperature=self.algorithm.temperature)
@@ -478,6 +496,10 @@ class Trainer:
             hint = f"; resume from the one before instead: --resume {earlier[-1]}" if earlier else ""
             raise ckpt.CheckpointError(f"{error}{hint}") from None
         self.step = state["step"]
+        if self.step % self.config.num_iterations:
+            _announce(f"resuming at step {self.step}, inside a generation cycle of num_iterations="
+                      f"{self.config.num_iterations}: a new generation batch starts here, so the run differs "
+                      "from an uninterrupted one (periodic and signal checkpoints fall on cycle boundaries)")
         self.skipped_steps = state["skipped_steps"]
         self.dataset.load_state_dict(state["data"])
         self.shuffle.set_state(torch.tensor(state["shuffle_rng"], dtype=torch.uint8))

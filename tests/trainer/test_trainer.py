@@ -98,3 +98,30 @@ def test_8bit_adamw_from_bitsandbytes(base_config):
                         "reward_funcs": ["tests/trainer/rewards.py:digit_fraction"]})
     assert type(trainer.optimizer).__name__ == "AdamW8bit"
     assert read_metrics(trainer.run_dir)[0]["grad_norm"] > 0
+
+
+def test_full_finetuning_reference_is_the_untrained_model(base_config, tiny_model_dir):
+    """After updates, reference log-probs still come from the frozen copy: its decoder AND its LM head."""
+    from transformers import AutoModelForCausalLM
+
+    from aha.conformance.tolerances import tolerance
+
+    trainer = _train(**{**base_config, "lora_r": 0, "beta": 0.1, "max_steps": 2, "learning_rate": 1e-2,
+                        "reward_funcs": ["tests/trainer/rewards.py:digit_fraction"]})
+    assert read_metrics(trainer.run_dir)[0]["grad_norm"] > 0  # the weights did move
+    batch = trainer.batch
+    ref = trainer._logprobs(batch, reference=True, size=4)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                      position_ids=batch.position_ids).logits[:, -batch.completion_width - 1:-1]
+    expected = torch.log_softmax(logits.float(), -1).gather(-1, batch.completion_ids[..., None])[..., 0]
+    tol = tolerance("float32")
+    mask = batch.mask.bool()
+    torch.testing.assert_close(ref[mask], expected[mask], rtol=tol.rtol, atol=tol.atol)
+
+
+def test_checkpoints_fall_on_generation_cycle_boundaries(base_config):
+    trainer = _train(**{**base_config, "num_iterations": 2, "save_steps": 1, "max_steps": 4})
+    saved = sorted(int(p.name.split("-")[1]) for p in trainer.run_dir.glob("checkpoint-*"))
+    assert saved == [2, 4]
