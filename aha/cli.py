@@ -65,19 +65,24 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         if hint is bool:
             train.add_argument(flag, action=argparse.BooleanOptionalAction)
         elif any(getattr(k, "__origin__", None) is tuple for k in kinds) or getattr(hint, "__origin__", None) is tuple:
-            train.add_argument(flag, nargs="+", type=_scalar)
+            train.add_argument(flag, nargs="+")
         else:
-            train.add_argument(flag, type=_scalar)
+            train.add_argument(flag)  # a string: TrainConfig converts it by the field's type
 
 
-def _scalar(text: str) -> Any:
-    """Flags arrive as strings; numbers become numbers, everything else stays text."""
-    for convert in (int, float):
-        try:
-            return convert(text)
-        except ValueError:
-            pass
-    return text
+def _saved_config(resume: str) -> dict[str, Any]:
+    """The config a run was saved with (its latest checkpoint's trainer_state.json), minus `resume`."""
+    import json
+    from pathlib import Path
+
+    from aha.backends.torch.checkpoint import TRAINER_STATE, latest_checkpoint
+
+    path = Path(resume)
+    found = path if (path / TRAINER_STATE).exists() else latest_checkpoint(path)
+    if found is None:
+        raise FileNotFoundError(f"--resume {resume}: no checkpoint-* folder found there")
+    saved = json.loads((found / TRAINER_STATE).read_text()).get("config", {})
+    return {key: value for key, value in saved.items() if key != "resume"}
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -97,7 +102,10 @@ def _train(args: argparse.Namespace) -> int:
     config_path = getattr(args, "config", None)
     try:
         values = TrainConfig.read_yaml(config_path) if config_path else {}
-        config = TrainConfig.from_dict(with_demo_defaults({**values, **overrides}),
+        resume = overrides.get("resume") or values.get("resume")
+        # A resumed run continues with the config it was saved with; given keys still win.
+        saved = _saved_config(resume) if resume else {}
+        config = TrainConfig.from_dict(with_demo_defaults({**saved, **values, **overrides}),
                                        source=config_path or "command line")
         Trainer(config).train()
         shutdown()  # leave torchrun's process group (several processes); nothing in one process

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -196,8 +198,14 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.reward_timeout is not None and self.reward_timeout <= 0:
             raise ConfigError(f"reward_timeout must be > 0 seconds or None, got {self.reward_timeout}")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.temperature < math.inf:
+            raise ConfigError(f"temperature must be a finite number > 0, got {self.temperature}")
+        if self.lora_r < 0:
+            raise ConfigError(f"lora_r must be >= 0 (0 = full fine-tuning), got {self.lora_r}")
+        if self.load_in_4bit and self.lora_r == 0:
+            raise ConfigError("load_in_4bit trains LoRA adapters on a frozen 4-bit base: set lora_r > 0")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ConfigError(f"save_total_limit must be >= 1 or None, got {self.save_total_limit}")
         if self.num_generations < 2 and self.algo != "ppo":
             raise ConfigError(f"num_generations must be >= 2 for {self.algo}, got {self.num_generations}")
         if self.loss_type is not None and self.loss_type not in LOSS_TYPES[self.algo]:
@@ -292,19 +300,43 @@ def _literal_values(hint: Any) -> tuple:
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
-    """YAML and argparse give lists and strings; the dataclass stores tuples and numbers."""
-    if value is None:
-        return None
-    if isinstance(value, list):
-        return tuple(value)
-    args = [a for a in get_args(hint) if a is not type(None)] or [hint]
-    if isinstance(value, str) and float in args and str not in args:
+    """A YAML value or a command-line string, converted by the field's type; errors name the field.
+
+    "none"/"null" is None where the field allows it; tuples convert item by item; integers reject
+    non-integral numbers (a 4.0 is 4, a 2.5 is an error)."""
+    members = [a for a in get_args(hint) if a is not type(None)] if get_origin(hint) in (Union, UnionType) else [hint]
+    optional = get_origin(hint) in (Union, UnionType) and type(None) in get_args(hint)
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("none", "null")):
+        if optional or value is None:
+            return None
+    base = members[0]
+    if get_origin(base) is tuple:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return tuple(_coerce(name, item, get_args(base)[0]) for item in items)
+    if get_origin(base) is Literal:
+        return value
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return text in ("true", "1", "yes", "on")
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if base is int:
+        try:
+            number = float(value) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            number = None
+        if number is None or not number.is_integer():
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return int(number)
+    if base is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
         try:
             return float(value)
-        except ValueError as err:
-            raise ConfigError(f"{name} must be a number, got {value!r}") from err
-    if isinstance(value, int) and not isinstance(value, bool) and float in args and int not in args:
-        return float(value)
-    if get_origin(hint) is tuple or any(get_origin(a) is tuple for a in args):
-        return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"{name} must be a number, got {value!r}") from error
+    if base is str:
+        return str(value)
     return value
