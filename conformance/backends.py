@@ -122,7 +122,7 @@ def _torch_evaluator(dtype: str, implementation: str | None, device: str) -> Cal
     def evaluate(case: Case) -> Evaluation:
         import torch
 
-        inputs, shape = case.inputs, case.shape
+        inputs = case.inputs
         model_dtype = _torch_dtype(dtype)
         loss_dtype = torch.float64 if dtype == "float64" else torch.float32
         leaf = lambda x, dt: torch.tensor(x, dtype=dt, device=device, requires_grad=True)  # noqa: E731
@@ -165,8 +165,6 @@ def _triton_unavailable(device: str) -> str | None:
         return _torch_unavailable()
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
-    import torch
-
     if not (device.startswith("cuda") or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")):
         return "needs --device cuda or TRITON_INTERPRET=1"
     return None

@@ -22,7 +22,8 @@ def _worst(results: list[Result]) -> tuple[float, float, str]:
     return used, max_abs, quantity
 
 
-def _fmt(x: float) -> str:
+def fmt_error(x: float) -> str:
+    """An error or tolerance use for the tables: 2 significant digits, "-" for zero."""
     return "-" if x == 0 else ("inf" if math.isinf(x) else f"{x:.2e}")
 
 
@@ -43,7 +44,7 @@ def table(results: list[Result]) -> str:
             count = lambda *s: sum(r.status in s for r in rows)  # noqa: E731
             used, max_abs, _ = _worst([r for r in rows if r.status != "skip"])
             lines.append(f"{backend:<22} {rows[0].dtype:<9} {count('pass'):>6} {count('fail', 'error'):>6} "
-                         f"{count('skip'):>7} {_fmt(used):>9} {_fmt(max_abs):>9}")
+                         f"{count('skip'):>7} {fmt_error(used):>9} {fmt_error(max_abs):>9}")
             unavailable = {r.note for r in rows if r.status == "skip" and len(rows) == count("skip")}
             if unavailable:
                 lines[-1] += f"   ({unavailable.pop()})"
@@ -54,11 +55,15 @@ def failures(results: list[Result], limit: int = 30) -> str:
     bad = [r for r in results if r.status in ("fail", "error")]
     lines = [f"{len(bad)} failing (case, backend) pairs" + (f"; first {limit}:" if len(bad) > limit else ":")]
     for result in bad[:limit]:
-        detail = result.note or "; ".join(
-            f"{c.quantity} used {_fmt(c.used)} |err| {_fmt(c.max_abs)}{' ' + c.note if c.note else ''}"
-            for c in result.failed[:4])
-        lines.append(f"  {result.backend:<20} {result.case}: {detail}")
+        lines.append(f"  {result.backend:<20} {result.case}: {failure_detail(result)}")
     return "\n".join(lines)
+
+
+def failure_detail(result: Result) -> str:
+    """Why one (case, backend) failed: its note, or the first failing quantities with their errors."""
+    return result.note or "; ".join(
+        f"{c.quantity} used {fmt_error(c.used)} |err| {fmt_error(c.max_abs)}{' ' + c.note if c.note else ''}"
+        for c in result.failed[:4])
 
 
 def _environment() -> dict:

@@ -12,6 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from .report import failure_detail, fmt_error
 from .suite import Result
 from .targets import UNSUPPORTED
 
@@ -32,10 +33,6 @@ def _worst(results: list[Result], *, failed: bool = False) -> tuple[float, float
                 used, quantity = comparison.used, comparison.quantity
             max_abs = max(max_abs, comparison.max_abs)
     return used, max_abs, quantity
-
-
-def _fmt(x: float) -> str:
-    return "-" if x == 0 else ("inf" if math.isinf(x) else f"{x:.2e}")
 
 
 def _finite(x: float) -> float | None:
@@ -103,7 +100,7 @@ class TargetReport:
             else:
                 detail = "; ".join(sorted({r.note for r in rows if r.status == UNSUPPORTED}))
             lines.append(f"{variant:<{width}}  {status:<11} {count('pass'):>4} {count('fail', 'error'):>4} "
-                         f"{count(UNSUPPORTED):>5} {_fmt(used):>9} {_fmt(max_abs):>9}  {detail}")
+                         f"{count(UNSUPPORTED):>5} {fmt_error(used):>9} {fmt_error(max_abs):>9}  {detail}")
         lines += ["", f"{counts['passed']} passed, {counts['failed']} failed, {counts[UNSUPPORTED]} unsupported "
                       f"(cases: algo/variant/shape/edge)"]
         return "\n".join(lines)
@@ -112,10 +109,7 @@ class TargetReport:
         bad = [r for r in self.results if r.status in ("fail", "error")]
         lines = [f"{len(bad)} failing cases" + (f"; first {limit}:" if len(bad) > limit else ":")]
         for result in bad[:limit]:
-            detail = result.note or "; ".join(
-                f"{c.quantity} used {_fmt(c.used)} |err| {_fmt(c.max_abs)}{' ' + c.note if c.note else ''}"
-                for c in result.failed[:4])
-            lines.append(f"  {result.case}: {detail}")
+            lines.append(f"  {result.case}: {failure_detail(result)}")
         return "\n".join(lines)
 
     def to_json(self) -> dict:

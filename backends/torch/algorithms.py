@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from aha.algos import grpo, mismatch, online_dpo, ppo, rloo
-from aha.algos._common import apply_missing_eos_penalty, combine_rewards, kl_estimate, masked_mean, masked_var
+from aha.algos._common import (apply_missing_eos_penalty, combine_rewards, kl_estimate, masked_mean, masked_var,
+                               nanmean, nanstd)
 
 from . import distributed, losses
 from .batch import RolloutBatch
@@ -92,18 +93,16 @@ class _Adapter:
 
 
 def _reward_stats(rewards: torch.Tensor, num_generations: int) -> Metrics:
-    valid = rewards[~torch.isnan(rewards)]
+    """Mean and std (Bessel) of the scorable rewards, how many are not, and the share of groups whose
+    scorable rewards are all equal (no learning signal for GRPO and RLOO)."""
     stats = {
-        "reward/mean": valid.mean().item() if valid.numel() else float("nan"),
-        "reward/std": valid.std().item() if valid.numel() > 1 else 0.0,
+        "reward/mean": nanmean(rewards).item(),
+        "reward/std": nanstd(rewards, ddof=1).item(),
         "reward/unscorable": float(torch.isnan(rewards).sum().item()),
     }
-    if num_generations > 1:  # groups whose rewards are all equal (no learning signal for GRPO and RLOO)
-        grouped = rewards.view(-1, num_generations)
-        scorable = ~torch.isnan(grouped)
-        means = torch.where(scorable, grouped, 0).sum(1) / scorable.sum(1).clamp(min=1)
-        spread = torch.where(scorable, (grouped - means[:, None]).abs(), 0).amax(1)
-        stats["frac_reward_zero_std"] = (spread < 1e-12).float().mean().item()
+    if num_generations > 1:
+        spread = nanstd(rewards.view(-1, num_generations), axis=1, ddof=0)
+        stats["frac_reward_zero_std"] = (torch.nan_to_num(spread) == 0).float().mean().item()
     return stats
 
 

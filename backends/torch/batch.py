@@ -47,6 +47,12 @@ class RolloutBatch:
         return RolloutBatch(**moved, extras={k: v.to(device) for k, v in self.extras.items()})
 
 
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] positions counting attended tokens; padding gets 0 (transformers' generate rule)."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)
+
+
 def collate_rollout(prompt_ids: list[list[int]], completion_ids: list[list[int]], truncated: list[bool],
                     *, pad_token_id: int, mask_truncated_completions: bool = False) -> RolloutBatch:
     """Pad one rollout into a RolloutBatch (prompts left, completions right)."""
@@ -64,7 +70,7 @@ def collate_rollout(prompt_ids: list[list[int]], completion_ids: list[list[int]]
         if completion:
             input_ids[row, width_p:width_p + len(completion)] = torch.tensor(completion, dtype=torch.long)
             attention[row, width_p:width_p + len(completion)] = 1
-    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+    position_ids = position_ids_from_mask(attention)
     lengths = torch.tensor([len(c) for c in completion_ids], dtype=torch.long)
     mask = (torch.arange(width_t)[None, :] < lengths[:, None]).float()
     truncated_t = torch.tensor(truncated, dtype=torch.bool)

@@ -25,6 +25,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .batch import position_ids_from_mask
+
 DType = Literal["auto", "float32", "bfloat16"]
 ReferenceCopy = Literal["none", "device", "cpu"]
 
@@ -181,12 +183,6 @@ class Policy:
         if result.unexpected_keys or untied_missing:
             raise ValueError(f"weights in {path} do not fit this model: missing {untied_missing[:5]}, "
                              f"unexpected {result.unexpected_keys[:5]}")
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, L] positions counting attended tokens; padding gets 0 (transformers' generate rule)."""
-    positions = attention_mask.long().cumsum(-1) - 1
-    return positions.masked_fill(attention_mask == 0, 0)
 
 
 def load_policy(model_name_or_path: str, *, dtype: DType = "auto", lora_r: int = 16, lora_alpha: int = 32,

@@ -17,7 +17,6 @@ with small tiles (the tests' path).
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 

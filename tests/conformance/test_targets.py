@@ -12,6 +12,7 @@ from aha.conformance import check_target, registry
 from aha.conformance.cli import main
 from aha.conformance.target_report import split_name
 from aha.conformance.targets import Output, load, run
+from aha.conformance.tolerances import tolerance
 
 LIGER = "liger-kernel is not installed (pip install 'aha-rl[liger]')"
 VERL = "verl.trainer.ppo.core_algos does not import (see docs/conformance_third_party.md: pip install --no-deps verl)"
@@ -187,7 +188,8 @@ def test_liger_reference_model_reproduces_the_reference_sums():
     active = torch.tensor([[True, True, False], [False, True, True], [True, True, True], [False, False, False]])
     ref_input, ref_weight = _reference_model(sums, targets, active, 5, torch.float64)
     logp = torch.log_softmax(ref_input @ ref_weight.T, -1).gather(-1, targets[..., None])[..., 0]
-    np.testing.assert_allclose((logp * active).sum(-1).numpy(), sums.numpy(), rtol=1e-12, atol=1e-12)
+    tol = tolerance("float64")
+    np.testing.assert_allclose((logp * active).sum(-1).numpy(), sums.numpy(), rtol=tol.rtol, atol=tol.atol)
 
 
 def test_verl_grpo_agrees_except_the_sequence_level_clip_fraction():

@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from aha.backends.torch.models import load_policy, position_ids_from_mask
+from aha.backends.torch.batch import position_ids_from_mask
+from aha.backends.torch.models import load_policy
 from aha.conformance.tolerances import tolerance
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

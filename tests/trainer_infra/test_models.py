@@ -2,7 +2,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from aha.backends.torch.models import load_policy, position_ids_from_mask
+from aha.backends.torch.batch import position_ids_from_mask
+from aha.backends.torch.models import load_policy
 from aha.conformance.tolerances import tolerance
 
 K = 4  # logits_to_keep
